@@ -1,0 +1,216 @@
+"""genqueue settings: one pydantic-settings model, read from ``GENQ_*`` env vars and ``.env``.
+
+Groups nest with a single underscore after the prefix: ``GENQ_API_BASE_URL`` is ``api.base_url``,
+``GENQ_REDIS_URL`` is ``redis.url``. A poll policy is one value, given as JSON::
+
+    GENQ_POLL_IMAGE='{"first_delay": 1, "interval": 2, "deadline": 600}'
+
+Settings are built by :func:`get_settings` (a factory) and never mutated after that.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "GENQ_"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Group):
+    """The upstream generation API."""
+
+    base_url: str = "http://127.0.0.1:8900"
+    """Root URL of the API, without a trailing slash."""
+    key: SecretStr = SecretStr("")
+    """Bearer token. Never logged, never sent to Celery, never stored in Redis."""
+    connect_timeout: float = Field(5.0, gt=0)
+    """Seconds to establish a connection."""
+    read_timeout: float = Field(30.0, gt=0)
+    """Seconds to wait for each response."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class RedisSettings(_Group):
+    """Redis: the ledger, the result backend and (unless ``broker_url`` is set) the broker."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Ledger and result backend; ``redis://``, ``rediss://`` (TLS) or ``unix://``, password in the URL."""
+    broker_url: str | None = None
+    """Celery broker; defaults to ``url``. May be ``amqp://`` (RabbitMQ)."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.url
+
+
+class PollPolicy(_Group):
+    """How one kind of upstream job is polled. All times in seconds."""
+
+    first_delay: float = Field(gt=0)
+    """Wait after submission before the first status check."""
+    interval: float = Field(gt=0)
+    """Wait between the first checks."""
+    backoff: float = Field(1.0, ge=1.0)
+    """Each further wait is the previous one times this factor."""
+    max_interval: float = Field(gt=0)
+    """Cap on any single wait."""
+    jitter: float = Field(0.1, ge=0, lt=1)
+    """Each wait is spread by up to ± this fraction, so polls do not fire in lockstep."""
+    deadline: float = Field(gt=0)
+    """After this long since submission the job ends ``timed_out`` and polling stops."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PollPolicy:
+        if self.max_interval < self.interval:
+            raise ValueError("max_interval must be >= interval")
+        return self
+
+
+class PollSettings(_Group):
+    """One poll policy per job kind, plus model training."""
+
+    image: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
+    upscale: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
+    video: PollPolicy = PollPolicy(first_delay=15, interval=10, backoff=1.25, max_interval=30, deadline=3600)
+    model: PollPolicy = PollPolicy(
+        first_delay=300, interval=300, backoff=1.0, max_interval=300, jitter=0.05, deadline=7200
+    )
+    error_backoff: float = Field(2.0, gt=0)
+    """First wait after a transient upstream error; doubles per consecutive error."""
+    max_errors: int = Field(8, ge=1)
+    """Consecutive transient errors on one job before it ends ``failed``."""
+
+    def longest_wait(self) -> float:
+        policies = (self.image, self.upscale, self.video, self.model)
+        return max(max(p.max_interval, p.first_delay) for p in policies)
+
+
+class DownloadSettings(_Group):
+    """Downloads of job outputs. Output URLs are untrusted input."""
+
+    dir: Path = Path("downloads")
+    """Where files land, as ``<dir>/<job id>/<index>.<ext>``."""
+    max_bytes: int = Field(1024**3, gt=0)
+    """Largest file accepted, in bytes."""
+    timeout: float = Field(600.0, gt=0)
+    """Wall-clock limit for one file, in seconds."""
+    chunk_bytes: int = Field(256 * 1024, ge=4096)
+    """Read size while streaming, in bytes: the memory a download holds."""
+    allow_http: bool = False
+    """Allow plain http:// output URLs (the local simulator); https:// only otherwise."""
+    max_attempts: int = Field(5, ge=1)
+    """Tries per file on transient errors before the job ends ``failed``."""
+
+
+class WorkerSettings(_Group):
+    """Celery worker behaviour."""
+
+    task_time_limit: int = Field(900, gt=0)
+    """Hard limit per task execution, in seconds (downloads are the longest)."""
+    visibility_timeout: int = Field(3600, gt=0)
+    """Seconds before an unacknowledged message is delivered again. Must exceed the longest
+    countdown plus the longest task, or held polls are delivered twice."""
+    eta_task_limit: int = Field(20_000, gt=0)
+    """Most countdown tasks one worker holds in memory at once."""
+    soft_shutdown_timeout: float = Field(30.0, ge=0)
+    """Seconds a worker keeps running tasks after SIGTERM before requeueing the rest."""
+    job_ttl: int = Field(7 * 86400, gt=0)
+    """Seconds a finished job's record is kept."""
+
+    @model_validator(mode="after")
+    def _limits(self) -> WorkerSettings:
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError("GENQ_WORKER_TASK_TIME_LIMIT must be below GENQ_WORKER_VISIBILITY_TIMEOUT")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything genqueue reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        nested_model_default_partial_update=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    api: ApiSettings = ApiSettings()
+    redis: RedisSettings = RedisSettings()
+    poll: PollSettings = PollSettings()
+    download: DownloadSettings = DownloadSettings()
+    worker: WorkerSettings = WorkerSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _visibility_covers_waits(self) -> Settings:
+        needed = self.poll.longest_wait() + self.worker.task_time_limit
+        if self.worker.visibility_timeout <= needed:
+            raise ValueError(
+                f"GENQ_WORKER_VISIBILITY_TIMEOUT ({self.worker.visibility_timeout}s) must exceed the longest "
+                f"poll wait in GENQ_POLL_* plus GENQ_WORKER_TASK_TIME_LIMIT ({needed:.0f}s), or held polls "
+                "would be delivered twice"
+            )
+        return self
+
+
+class SettingsError(RuntimeError):
+    """Settings are invalid; the message names each offending environment variable."""
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    if not parts:
+        return "settings"
+    head = ENV_PREFIX + parts[0].upper()
+    if len(parts) == 1:
+        return head
+    return f"{head}_{parts[1].upper()}" + ("" if len(parts) == 2 else f" (field {'.'.join(parts[2:])})")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and ``overrides``), or raise :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  {_env_name(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()]
+        raise SettingsError("invalid genqueue settings:\n" + "\n".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built once on first use (not at import)."""
+    return load_settings()

@@ -1,0 +1,34 @@
+"""What a service step asks to happen next. The task layer turns these into Celery messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SubmitLater:
+    job_id: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class PollLater:
+    job_id: str
+    gen: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class Download:
+    job_id: str
+    index: int
+    attempt: int = 0
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Finalize:
+    job_id: str
+
+
+Action = SubmitLater | PollLater | Download | Finalize

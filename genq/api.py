@@ -1,0 +1,132 @@
+"""The upstream API client: one ``requests.Session``, Bearer auth, a timeout on every call, typed errors.
+
+It makes exactly one HTTP request per call and never loops: retry decisions belong to the caller,
+which re-enqueues with a countdown instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from pydantic import SecretStr
+
+from genq.errors import ProtocolError, RateLimited, UpstreamRejected, UpstreamUnavailable
+from genq.models import JobKind, UpstreamJob
+
+TRIGGER_PATHS: dict[JobKind, str] = {
+    JobKind.IMAGE: "/images/generation",
+    JobKind.UPSCALE: "/images/upscaling",
+    JobKind.VIDEO: "/videos/generation",
+}
+
+_MAX_DETAIL = 200
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class UpstreamClient:
+    """Calls the generation API. Thread-safe as far as ``requests.Session`` is (one per process)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: SecretStr,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = session or requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+        self.session.headers["Accept"] = "application/json"
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient({self.base_url!r})"
+
+    def trigger(self, kind: JobKind, body: dict[str, Any]) -> UpstreamJob:
+        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all)."""
+        return UpstreamJob.from_payload(self._request("POST", TRIGGER_PATHS[kind], json=body))
+
+    def get_job(self, upstream_id: str) -> UpstreamJob:
+        """One status check of an upstream job."""
+        job = UpstreamJob.from_payload(self._request("GET", f"/jobs/{_segment(upstream_id)}"))
+        if job.job_id != upstream_id:
+            raise ProtocolError(f"asked for job {upstream_id!r}, got {job.job_id[:64]!r}")
+        return job
+
+    def _request(self, method: str, path: str, json: Any = None) -> Any:
+        what = f"{method} {path}"
+        try:
+            response = self.session.request(method, self.base_url + path, json=json, timeout=self.timeout)
+        except requests.ConnectTimeout:
+            raise UpstreamUnavailable(f"{what}: connect timeout") from None
+        except requests.ReadTimeout:
+            # The request went out; the upstream may have acted on it.
+            raise UpstreamUnavailable(f"{what}: read timeout", ambiguous=True) from None
+        except requests.ConnectionError as exc:
+            raise UpstreamUnavailable(f"{what}: connection failed", ambiguous=_was_sent(exc)) from None
+        except requests.RequestException as exc:
+            raise UpstreamUnavailable(f"{what}: {type(exc).__name__}", ambiguous=True) from None
+        return _decode(what, response)
+
+
+def _decode(what: str, response: requests.Response) -> Any:
+    status = response.status_code
+    if status == 429:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise RateLimited(f"{what}: 429 rate limited", retry_after=retry_after)
+    if status >= 500:
+        raise UpstreamUnavailable(
+            f"{what}: {status} {_detail(response)}",
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    if status == 401:
+        raise UpstreamRejected(f"{what}: 401 unauthorized: check GENQ_API_KEY", status)
+    if status >= 400:
+        raise UpstreamRejected(f"{what}: {status} {_detail(response)}", status)
+    try:
+        return response.json()
+    except ValueError:
+        raise ProtocolError(f"{what}: {status} answer is not JSON: {response.text[:_MAX_DETAIL]!r}") from None
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:_MAX_DETAIL]
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            if key in body:
+                return str(body[key])[:_MAX_DETAIL]
+    return str(body)[:_MAX_DETAIL]
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _was_sent(exc: requests.ConnectionError) -> bool:
+    """A refused or unresolvable connection sent nothing; a reset mid-exchange may have."""
+    text = repr(exc)
+    return not any(s in text for s in ("NewConnectionError", "NameResolutionError", "Connection refused"))

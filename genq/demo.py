@@ -1,0 +1,141 @@
+"""``genq demo``: the whole system on embedded defaults, in one command.
+
+Starts what is not configured (a private Redis unless ``GENQ_REDIS_URL`` is set; the simulator
+unless ``GENQ_API_BASE_URL`` is set), a worker pool, submits a batch of image jobs, shows live
+progress and ends with a table of every job. Everything it started is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from config.settings import load_settings
+from genq.embedded import EmbeddedRedis
+from genq.local import WorkerProcess
+from genq.models import JobRecord, JobState
+
+STAGE = {
+    JobState.PENDING: 0,
+    JobState.SUBMITTING: 1,
+    JobState.SUBMITTED: 2,
+    JobState.RUNNING: 3,
+    JobState.DOWNLOADING: 4,
+}
+STAGES = 5
+PROMPTS = [
+    "a lighthouse at dawn", "a fox in fresh snow", "a city of glass", "a bowl of ramen, top view",
+    "an origami crane", "a desert storm", "a koi pond", "a cabin in a pine forest",
+]  # fmt: skip
+DEMO_POLL = '{"first_delay": 1, "interval": 1, "backoff": 1.2, "max_interval": 3, "deadline": 180}'
+
+
+@contextlib.contextmanager
+def demo_environment(workdir: Path, console: Console) -> Iterator[dict[str, str]]:
+    """The GENQ_* environment for the demo, starting Redis and the simulator where none is configured."""
+    env = dict(os.environ)
+    with contextlib.ExitStack() as stack:
+        if "GENQ_REDIS_URL" not in env:
+            redis_server = stack.enter_context(EmbeddedRedis(data_dir=workdir / "redis"))
+            env["GENQ_REDIS_URL"] = redis_server.url
+            console.print(f"[dim]private Redis on port {redis_server.port} ({redis_server.binary})[/]")
+        if "GENQ_API_BASE_URL" not in env:
+            from simulator import SimConfig, start_simulator
+            from simulator.config import Duration
+
+            sim = stack.enter_context(
+                start_simulator(SimConfig(duration=Duration(kind="lognormal", median=3, sigma=0.5, max=10)))
+            )
+            env.update(GENQ_API_BASE_URL=sim.url, GENQ_API_KEY=sim.api_key, GENQ_DOWNLOAD_ALLOW_HTTP="true")
+            env.setdefault("GENQ_POLL_IMAGE", DEMO_POLL)
+            console.print(f"[dim]simulator at {sim.url}[/]")
+        env.setdefault("GENQ_DOWNLOAD_DIR", str(Path("downloads").resolve()))
+        yield env
+
+
+def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Console | None = None) -> int:
+    """Run the demo; returns the process exit code (0 when every job succeeded)."""
+    console = console or Console()
+    with tempfile.TemporaryDirectory(prefix="genq-demo-") as tmp, demo_environment(Path(tmp), console) as env:
+        os.environ.update(env)  # this process is the producer; it reads the same settings as the workers
+        settings = load_settings()
+        from genq.producer import Producer
+
+        with WorkerProcess(env, concurrency=concurrency, log_path=Path(tmp) / "worker.log") as worker:
+            console.print(
+                f"[dim]worker pool {worker.name}: {concurrency} processes, queues submit,poll,download[/]"
+            )
+            producer = Producer(settings)
+            started = time.monotonic()
+            ids = [
+                producer.submit_image(
+                    f"{PROMPTS[i % len(PROMPTS)]} #{i}", num_images=images, width=512, height=512
+                ).id
+                for i in range(jobs)
+            ]
+            records = _show_progress(producer, ids, console, timeout=settings.poll.image.deadline + 60)
+            elapsed = time.monotonic() - started
+            producer.close()
+    console.print(_table(records))
+    ok = sum(r.state is JobState.SUCCEEDED for r in records)
+    files = sum(len(r.outputs) for r in records)
+    console.print(f"{ok}/{len(records)} jobs succeeded, {files} files, in {elapsed:.1f}s")
+    return 0 if ok == len(records) else 1
+
+
+def _show_progress(producer: object, ids: list[str], console: Console, timeout: float) -> list[JobRecord]:
+    from genq.producer import Producer
+
+    assert isinstance(producer, Producer)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    records: dict[str, JobRecord] = {}
+    deadline = time.monotonic() + timeout
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("[bold]all jobs", total=len(ids))
+        bars = {job_id: progress.add_task(f"{job_id[:8]} pending", total=STAGES) for job_id in ids}
+        while time.monotonic() < deadline:
+            for job_id in ids:
+                record = producer.status(job_id)
+                records[job_id] = record
+                stage = STAGES if record.terminal else STAGE.get(record.state, 0)
+                colour = (
+                    "green" if record.state is JobState.SUCCEEDED else ("red" if record.terminal else "cyan")
+                )
+                progress.update(
+                    bars[job_id],
+                    completed=stage,
+                    description=f"{job_id[:8]} [{colour}]{record.state.value}[/]",
+                )
+            done = sum(r.terminal for r in records.values())
+            progress.update(overall, completed=done)
+            if done == len(ids):
+                break
+            time.sleep(0.2)
+    return [records[i] for i in ids]
+
+
+def _table(records: list[JobRecord]) -> Table:
+    table = Table(title="genqueue demo: every job", show_lines=False)
+    for column in ("job", "state", "upstream job", "files", "path", "sha256"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        colour = "green" if record.state is JobState.SUCCEEDED else "red"
+        head = [
+            record.id[:12],
+            f"[{colour}]{record.state.value}[/]",
+            record.upstream_id or "-",
+            str(len(record.outputs)),
+        ]
+        if not record.outputs:
+            table.add_row(*head, record.error or "-", "-")
+        for n, out in enumerate(record.outputs):
+            table.add_row(*(head if n == 0 else ["", "", "", ""]), out.path, out.sha256)
+    return table

@@ -1,0 +1,355 @@
+"""The job pipeline as plain Python: submit, poll, download, finalize. No Celery here.
+
+Each step reads the ledger, does at most one upstream call, moves the record by compare-and-set and
+returns the :mod:`genq.actions` to take next. A step that finds the record in another state (a
+duplicate or stale delivery) changes nothing and returns no action.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from config.settings import PollPolicy, Settings
+from genq import downloads
+from genq.actions import Action, Download, Finalize, PollLater, SubmitLater
+from genq.api import UpstreamClient
+from genq.errors import PermanentError, ProtocolError, TransientError, UpstreamUnavailable
+from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
+from genq.polling import clamp_to_deadline, error_delay, poll_delay
+from genq.store import Ledger
+
+log = logging.getLogger(__name__)
+
+MEDIA: dict[JobKind, str] = {JobKind.IMAGE: "image", JobKind.UPSCALE: "image", JobKind.VIDEO: "video"}
+MAX_SUBMIT_ATTEMPTS = 5
+
+
+@dataclass
+class JobService:
+    """Runs one step of a job at a time against the ledger and the upstream."""
+
+    settings: Settings
+    ledger: Ledger
+    api: UpstreamClient
+    files: requests.Session
+    clock: Callable[[], float]
+    rng: random.Random
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, job_id: str) -> list[Action]:
+        rec = self.ledger.get(job_id)
+        if rec is None:
+            log.warning("submit: job %s not in the ledger; nothing to do", job_id)
+            return []
+        now = self.clock()
+        moved = self.ledger.transition(
+            job_id,
+            [JobState.PENDING],
+            JobState.SUBMITTING,
+            submit_attempts=rec.submit_attempts + 1,
+            due_at=now + self._submit_window(),
+        )
+        if not moved.ok:
+            self._submit_found(rec)
+            return []
+        try:
+            upstream = self.api.trigger(rec.kind, rec.request)
+        except UpstreamUnavailable as exc:
+            if exc.ambiguous:
+                return self._end(
+                    rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(str(exc))
+                )
+            return self._submit_retry(rec, exc)
+        except TransientError as exc:
+            return self._submit_retry(rec, exc)
+        except PermanentError as exc:
+            return self._end(rec, JobState.FAILED, [JobState.SUBMITTING], f"submit refused: {exc}")
+        return self._submitted(rec, upstream)
+
+    def _submitted(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
+        now = self.clock()
+        policy = self.policy(rec.kind)
+        deadline_at = now + policy.deadline
+        delay = clamp_to_deadline(poll_delay(policy, 0, self.rng), now, deadline_at)
+        moved = self.ledger.transition(
+            rec.id,
+            [JobState.SUBMITTING],
+            JobState.SUBMITTED,
+            upstream_id=upstream.job_id,
+            upstream_status=upstream.status.value,
+            deadline_at=deadline_at,
+            next_poll_at=now + delay,
+            poll_gen=1,
+            error=None,
+            due_at=now + delay,
+        )
+        if not moved.ok:
+            # Only an operator can move a job out of submitting meanwhile; keep the id for them.
+            log.error(
+                "job %s moved to %s during submit; upstream id %s", rec.id, moved.previous, upstream.job_id
+            )
+            self.ledger.set_fields(rec.id, upstream_id=upstream.job_id)
+            return []
+        log.info("job %s submitted as upstream %s; first poll in %.1fs", rec.id, upstream.job_id, delay)
+        return [PollLater(rec.id, 1, delay)]
+
+    def _submit_retry(self, rec: JobRecord, exc: TransientError) -> list[Action]:
+        attempts = rec.submit_attempts + 1
+        if attempts >= MAX_SUBMIT_ATTEMPTS:
+            return self._end(
+                rec, JobState.FAILED, [JobState.SUBMITTING], f"submit failed {attempts} times: {exc}"
+            )
+        delay = error_delay(self.settings.poll.error_backoff, attempts, exc.retry_after, 60.0, self.rng)
+        moved = self.ledger.transition(
+            rec.id, [JobState.SUBMITTING], JobState.PENDING, error=str(exc), due_at=self.clock() + delay
+        )
+        if not moved.ok:
+            return []
+        log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, delay)
+        return [SubmitLater(rec.id, delay)]
+
+    def _submit_found(self, rec: JobRecord) -> None:
+        """A submit delivered for a job that is not pending: a duplicate, or a crash mid-POST."""
+        current = self.ledger.get(rec.id)
+        if current is None or current.state is not JobState.SUBMITTING:
+            return
+        if self.clock() - current.updated_at < self._submit_window():
+            return  # another delivery is making the POST right now
+        # The worker that moved it to submitting died before recording an answer. The POST may have
+        # been made and paid for; repeating it could pay twice, so stop and say so.
+        self._end(
+            current,
+            JobState.SUBMIT_UNKNOWN,
+            [JobState.SUBMITTING],
+            _unknown_reason("the submitting worker stopped before recording the upstream's answer"),
+        )
+
+    def _submit_window(self) -> float:
+        return self.settings.api.connect_timeout + self.settings.api.read_timeout + 5.0
+
+    # ------------------------------------------------------------------ poll
+
+    def poll(self, job_id: str, gen: int) -> list[Action]:
+        rec = self.ledger.get(job_id)
+        if rec is None or rec.state not in POLLING_STATES or rec.poll_gen != gen or not rec.upstream_id:
+            return []  # finished, cancelled, or a stale/duplicate poll
+        now = self.clock()
+        if rec.deadline_at is not None and now >= rec.deadline_at:
+            policy = self.policy(rec.kind)
+            return self._end(
+                rec,
+                JobState.TIMED_OUT,
+                POLLING_STATES,
+                reason=f"no result within {policy.deadline:.0f}s",
+                expect_gen=gen,
+            )
+        try:
+            upstream = self.api.get_job(rec.upstream_id)
+        except (TransientError, ProtocolError) as exc:
+            return self._poll_error(rec, exc)
+        except PermanentError as exc:
+            return self._end(
+                rec, JobState.FAILED, POLLING_STATES, reason=f"status check: {exc}", expect_gen=gen
+            )
+        if upstream.status.working:
+            return self._poll_again(rec, upstream)
+        if upstream.status.value == "failed":
+            reason = f"upstream job failed: {upstream.error or 'no reason given'}"
+            return self._end(
+                rec,
+                JobState.FAILED,
+                POLLING_STATES,
+                reason=reason,
+                expect_gen=gen,
+                upstream_status="failed",
+                polls=rec.polls + 1,
+            )
+        return self._succeeded_upstream(rec, upstream)
+
+    def _poll_again(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
+        now = self.clock()
+        polls = rec.polls + 1
+        delay = poll_delay(self.policy(rec.kind), polls, self.rng)
+        delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
+        state = JobState.SUBMITTED if upstream.status.value == "created" else JobState.RUNNING
+        moved = self.ledger.transition(
+            rec.id,
+            POLLING_STATES,
+            state,
+            expect_gen=rec.poll_gen,
+            poll_gen=rec.poll_gen + 1,
+            polls=polls,
+            errors_in_row=0,
+            upstream_status=upstream.status.value,
+            next_poll_at=now + delay,
+            due_at=now + delay,
+        )
+        return [PollLater(rec.id, rec.poll_gen + 1, delay)] if moved.ok else []
+
+    def _poll_error(self, rec: JobRecord, exc: Exception) -> list[Action]:
+        errors = rec.errors_in_row + 1
+        limit = self.settings.poll.max_errors
+        if errors >= limit:
+            return self._end(
+                rec,
+                JobState.FAILED,
+                POLLING_STATES,
+                reason=f"status check failed {errors} times in a row: {exc}",
+                expect_gen=rec.poll_gen,
+            )
+        now = self.clock()
+        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+        policy = self.policy(rec.kind)
+        delay = error_delay(
+            self.settings.poll.error_backoff, errors, retry_after, policy.max_interval * 4, self.rng
+        )
+        delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
+        moved = self.ledger.transition(
+            rec.id,
+            [rec.state],
+            rec.state,
+            expect_gen=rec.poll_gen,
+            poll_gen=rec.poll_gen + 1,
+            errors_in_row=errors,
+            error=str(exc),
+            next_poll_at=now + delay,
+            due_at=now + delay,
+        )
+        log.warning(
+            "job %s: status check error %d/%d (%s); again in %.1fs", rec.id, errors, limit, exc, delay
+        )
+        return [PollLater(rec.id, rec.poll_gen + 1, delay)] if moved.ok else []
+
+    def _succeeded_upstream(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
+        outputs = upstream.videos if rec.kind is JobKind.VIDEO else upstream.images
+        if not outputs:
+            return self._end(
+                rec,
+                JobState.FAILED,
+                POLLING_STATES,
+                reason="upstream reported success with no outputs",
+                expect_gen=rec.poll_gen,
+            )
+        # URLs first: a download task must find its URL the moment the state says downloading.
+        self.ledger.set_urls(rec.id, {i: out.url for i, out in enumerate(outputs)})
+        now = self.clock()
+        moved = self.ledger.transition(
+            rec.id,
+            POLLING_STATES,
+            JobState.DOWNLOADING,
+            expect_gen=rec.poll_gen,
+            poll_gen=rec.poll_gen + 1,
+            polls=rec.polls + 1,
+            upstream_status="success",
+            expected_outputs=len(outputs),
+            remote_ids=[out.id for out in outputs],
+            errors_in_row=0,
+            error=None,
+            due_at=now + self.settings.download.timeout,
+        )
+        if not moved.ok:
+            return []
+        log.info("job %s: upstream succeeded with %d outputs; downloading", rec.id, len(outputs))
+        return [Download(rec.id, i) for i in range(len(outputs))]
+
+    # ------------------------------------------------------------------ download / finalize
+
+    def download(self, job_id: str, index: int, attempt: int) -> list[Action]:
+        rec = self.ledger.get(job_id)
+        if rec is None or rec.state is not JobState.DOWNLOADING:
+            return []
+        if any(out.index == index for out in rec.outputs):
+            return [Finalize(job_id)] if len(rec.outputs) >= rec.expected_outputs else []
+        url = self.ledger.get_url(job_id, index)
+        if url is None:
+            return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index}: no URL recorded")
+        rules = self.download_rules()
+        try:
+            got = downloads.fetch(
+                self.files, url, self.settings.download.dir / job_id, f"{index:02d}", rules, MEDIA[rec.kind]
+            )
+        except TransientError as exc:
+            if attempt + 1 >= self.settings.download.max_attempts:
+                return self._end(
+                    rec,
+                    JobState.FAILED,
+                    [JobState.DOWNLOADING],
+                    f"output {index}: failed {attempt + 1} times: {exc}",
+                )
+            delay = error_delay(
+                self.settings.poll.error_backoff, attempt + 1, exc.retry_after, 60.0, self.rng
+            )
+            log.warning("job %s output %d: %s; again in %.1fs", job_id, index, exc, delay)
+            return [Download(job_id, index, attempt + 1, delay)]
+        except PermanentError as exc:
+            return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index}: {exc}")
+        output = OutputFile(
+            index=index,
+            remote_id=rec.remote_ids[index] if index < len(rec.remote_ids) else "",
+            path=str(got.path),
+            bytes=got.bytes,
+            sha256=got.sha256,
+            content_type=got.content_type,
+        )
+        remaining = self.ledger.record_output(job_id, output)
+        return [Finalize(job_id)] if remaining == 0 else []
+
+    def finalize(self, job_id: str) -> list[Action]:
+        rec = self.ledger.get(job_id)
+        if rec is None or rec.state is not JobState.DOWNLOADING:
+            return []
+        if len(rec.outputs) < rec.expected_outputs:
+            return []  # a later download will finalize
+        missing = [o.path for o in rec.outputs if not Path(o.path).is_file()]
+        if missing:
+            return self._end(
+                rec, JobState.FAILED, [JobState.DOWNLOADING], f"downloaded files vanished: {missing}"
+            )
+        moved = self.ledger.transition(job_id, [JobState.DOWNLOADING], JobState.SUCCEEDED, error=None)
+        if moved.ok:
+            self.ledger.drop_urls(job_id)
+            log.info("job %s succeeded with %d files", job_id, len(rec.outputs))
+        return []
+
+    # ------------------------------------------------------------------ helpers
+
+    def policy(self, kind: JobKind) -> PollPolicy:
+        poll = self.settings.poll
+        return {JobKind.IMAGE: poll.image, JobKind.UPSCALE: poll.upscale, JobKind.VIDEO: poll.video}[kind]
+
+    def download_rules(self) -> downloads.DownloadRules:
+        d = self.settings.download
+        return downloads.DownloadRules(
+            max_bytes=d.max_bytes, timeout=d.timeout, chunk_bytes=d.chunk_bytes, allow_http=d.allow_http
+        )
+
+    def _end(
+        self,
+        rec: JobRecord,
+        to: JobState,
+        allowed: Iterable[JobState],
+        reason: str,
+        expect_gen: int | None = None,
+        **fields: object,
+    ) -> list[Action]:
+        """Move the job to a terminal state with its reason (if it is still in ``allowed``)."""
+        moved = self.ledger.transition(rec.id, allowed, to, expect_gen=expect_gen, error=reason, **fields)
+        if moved.ok:
+            log.warning("job %s %s: %s", rec.id, to.value, reason)
+            if to is not JobState.SUCCEEDED:
+                self.ledger.drop_urls(rec.id)
+        return []
+
+
+def _unknown_reason(detail: str) -> str:
+    return (
+        f"submit outcome unknown ({detail}); the upstream may or may not have started the job. "
+        "Not retried automatically, so it is never paid twice: check upstream, then `genq resubmit` if needed"
+    )

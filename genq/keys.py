@@ -1,0 +1,32 @@
+"""Every Redis key genqueue writes, in one place. All keys share one prefix."""
+
+from __future__ import annotations
+
+PREFIX = "genq"
+
+EVENTS = f"{PREFIX}:events"
+"""Stream: one entry per job state transition."""
+JOBS = f"{PREFIX}:jobs"
+"""Sorted set: every job id by creation time (listing)."""
+DUE = f"{PREFIX}:due"
+"""Sorted set: every unfinished job id by the time its next step is due (the sweeper's index)."""
+COUNTS = f"{PREFIX}:counts"
+"""Hash: ``<kind>:<state>`` -> number of jobs in that state."""
+
+EVENTS_MAXLEN = 100_000
+"""Approximate cap on the event stream."""
+
+
+def job(job_id: str) -> str:
+    """Hash: the job record."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_urls(job_id: str) -> str:
+    """Hash: output index -> download URL. Kept apart because URLs can carry tokens."""
+    return f"{PREFIX}:job:{job_id}:urls"
+
+
+def idempotency(key: str) -> str:
+    """String: producer idempotency key -> job id."""
+    return f"{PREFIX}:idem:{key}"

@@ -1,0 +1,125 @@
+"""Run real Celery worker processes locally: for ``genq demo``, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from config.celeryconf import QUEUES
+
+
+class WorkerProcess:
+    """``celery -A workers worker`` as a child process in its own process group."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        queues: Sequence[str] = QUEUES,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        log_path: Path,
+        name: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.name = name or f"genq-{uuid.uuid4().hex[:8]}"
+        self.hostname = f"{self.name}@%h"
+        self.log_path = log_path
+        self.args = [
+            sys.executable, "-m", "celery", "-A", "workers", "worker",
+            "-Q", ",".join(queues),
+            "-c", str(concurrency),
+            "-P", pool,
+            "-n", self.hostname,
+            "--without-gossip", "--without-mingle",
+            "-l", "INFO",
+            "--logfile", str(log_path),
+            *extra_args,
+        ]  # fmt: skip
+        self.env = dict(env)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("")
+        self.process = subprocess.Popen(
+            self.args,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log_path.with_suffix(".stderr"), "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"worker exited at start (code {self.process.returncode}):\n{self.output()}"
+                )
+            if " ready." in self.log_path.read_text(errors="replace"):
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        parts = []
+        for path in (self.log_path, self.log_path.with_suffix(".stderr")):
+            if path.exists():
+                parts.append(path.read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        """Pids of the pool's child processes."""
+        try:
+            out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it lingers."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self._group_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._group_signal(signal.SIGKILL)
+                self.process.wait()
+        self._group_signal(signal.SIGKILL)  # pool children that outlived their parent
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash the worker and its pool children at once."""
+        if self.process is None:
+            return
+        self._group_signal(signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def _group_signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,216 @@
+"""Typed models at every boundary: producer requests, upstream payloads, and the job record."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from genq.errors import ProtocolError
+
+
+class JobKind(StrEnum):
+    """What a job asks the upstream for."""
+
+    IMAGE = "image"  # POST /images/generation
+    UPSCALE = "upscale"  # POST /images/upscaling
+    VIDEO = "video"  # POST /videos/generation
+
+
+class JobState(StrEnum):
+    """Where a job is in genqueue's ledger. Terminal states never change again."""
+
+    PENDING = "pending"  # accepted and recorded; submit task sent
+    SUBMITTING = "submitting"  # a worker is making the paid POST
+    SUBMITTED = "submitted"  # upstream accepted it; polling
+    RUNNING = "running"  # upstream reported queued/running; polling
+    DOWNLOADING = "downloading"  # upstream succeeded; fetching outputs
+    SUCCEEDED = "succeeded"  # every output is on disk, hash recorded
+    FAILED = "failed"  # upstream or genqueue gave up; see ``error``
+    TIMED_OUT = "timed_out"  # the poll deadline passed
+    CANCELLED = "cancelled"  # a producer cancelled it
+    SUBMIT_UNKNOWN = "submit_unknown"  # a submit was interrupted mid-POST; not retried to avoid paying twice
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED, JobState.SUBMIT_UNKNOWN}
+)
+POLLING_STATES = frozenset({JobState.SUBMITTED, JobState.RUNNING})
+
+
+class UpstreamStatus(StrEnum):
+    """The upstream's job status, compared lower-cased."""
+
+    CREATED = "created"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def working(self) -> bool:
+        return self in (UpstreamStatus.CREATED, UpstreamStatus.QUEUED, UpstreamStatus.RUNNING)
+
+
+# ---------------------------------------------------------------- producer requests
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
+ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The JSON body of the upstream trigger."""
+        return self.model_dump(exclude_none=True, exclude={"kind"})
+
+
+class ImageRequest(_Request):
+    """``POST /images/generation``."""
+
+    kind: Literal[JobKind.IMAGE] = JobKind.IMAGE
+    prompt: Prompt
+    """What to draw."""
+    num_images: int = Field(1, ge=1, le=8)
+    """How many images the job produces."""
+    width: int = Field(1024, ge=64, le=2048, multiple_of=8)
+    """Pixels."""
+    height: int = Field(1024, ge=64, le=2048, multiple_of=8)
+    """Pixels."""
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    negative_prompt: Annotated[str, StringConstraints(max_length=4000)] | None = None
+    model_id: ModelId | None = None
+    """A trained model to generate with."""
+
+    @property
+    def expected_outputs(self) -> int:
+        return self.num_images
+
+
+JobRequest = ImageRequest
+"""Every request kind genqueue accepts (a union as kinds are added)."""
+
+
+# ---------------------------------------------------------------- upstream payloads
+
+
+class UpstreamOutput(BaseModel):
+    """One produced file, as the upstream describes it. Both fields are untrusted."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(max_length=512)
+    url: str = Field(max_length=8192)
+
+
+class UpstreamJob(BaseModel):
+    """The ``result`` object of ``GET /jobs/{id}`` (and of a trigger's answer)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    job_id: str = Field(alias="jobId", min_length=1, max_length=256)
+    status: UpstreamStatus = UpstreamStatus.CREATED
+    images: list[UpstreamOutput] = Field(default_factory=list)
+    videos: list[UpstreamOutput] = Field(default_factory=list)
+    error: str | None = None
+    model_id: str | None = Field(None, alias="modelId")
+    created_at: str | None = Field(None, alias="createdAt")
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value not in UpstreamStatus._value2member_map_:
+                raise ValueError(f"unknown upstream status {value[:40]!r}")
+        return value
+
+    @field_validator("images", "videos", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @property
+    def outputs(self) -> list[UpstreamOutput]:
+        return [*self.images, *self.videos]
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> UpstreamJob:
+        """Parse ``{"result": {...}}`` or a bare ``{...}``; raise :class:`ProtocolError` otherwise."""
+        body = payload.get("result", payload) if isinstance(payload, dict) else payload
+        if not isinstance(body, dict):
+            raise ProtocolError(f"expected a JSON object, got {type(body).__name__}")
+        try:
+            return cls.model_validate(body)
+        except ValueError as exc:
+            raise ProtocolError(f"unexpected job payload: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(exc)
+
+
+# ---------------------------------------------------------------- the ledger's job record
+
+
+class OutputFile(BaseModel):
+    """A downloaded output."""
+
+    index: int
+    remote_id: str
+    path: str
+    bytes: int
+    sha256: str
+    content_type: str | None = None
+
+
+class JobRecord(BaseModel):
+    """A job as the ledger holds it (the public view: no URLs, no secrets)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    kind: JobKind
+    state: JobState
+    request: dict[str, Any]
+    created_at: float
+    updated_at: float
+    upstream_id: str | None = None
+    upstream_status: str | None = None
+    error: str | None = None
+    submit_attempts: int = 0
+    polls: int = 0
+    poll_gen: int = 0
+    errors_in_row: int = 0
+    next_poll_at: float | None = None
+    deadline_at: float | None = None
+    expected_outputs: int = 0
+    remote_ids: list[str] = Field(default_factory=list)
+    outputs: list[OutputFile] = Field(default_factory=list)
+    finished_at: float | None = None
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> JobRecord:
+        data: dict[str, Any] = dict(raw)
+        data["request"] = json.loads(raw.get("request", "{}"))
+        data["remote_ids"] = json.loads(raw.get("remote_ids") or "[]")
+        outputs = [json.loads(v) for k, v in sorted(raw.items()) if k.startswith("out:")]
+        data["outputs"] = sorted(outputs, key=lambda o: o["index"])
+        for key in ("next_poll_at", "deadline_at", "finished_at", "upstream_id", "upstream_status", "error"):
+            if data.get(key) == "":
+                data[key] = None
+        return cls.model_validate(data)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal

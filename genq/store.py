@@ -1,0 +1,227 @@
+"""The Redis ledger: the source of truth for every job.
+
+Each job is a hash (:func:`genq.keys.job`). It changes only through :meth:`Ledger.transition`, a
+compare-and-set done by one Lua script, which also appends the change to the event stream, keeps the
+due-time index the sweeper reads, and keeps per-state counts. Broker messages are only reminders: a
+task that finds the record in an unexpected state does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+
+from genq import keys
+from genq.models import JobKind, JobRecord, JobState, OutputFile
+
+KEEP: Final = object()
+"""``due_at`` value: leave the job's due time as it is."""
+
+_TRANSITION = """
+-- KEYS: job, events, due, counts
+-- ARGV: id, from (comma list), to, now, expect_gen, due ('' keep, '-' drop, else score), ttl, fields...
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {0, '', 'missing'} end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == cur then allowed = true end end
+if not allowed then return {0, cur, 'state'} end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'poll_gen') ~= ARGV[5] then return {0, cur, 'stale'} end
+local kind = redis.call('HGET', KEYS[1], 'kind')
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[4])
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[6] == '-' then redis.call('ZREM', KEYS[3], ARGV[1])
+elseif ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
+if ARGV[7] ~= '' then
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  redis.call('EXPIRE', KEYS[1] .. ':urls', ARGV[7])
+end
+if cur ~= ARGV[3] then
+  redis.call('HINCRBY', KEYS[4], kind .. ':' .. cur, -1)
+  redis.call('HINCRBY', KEYS[4], kind .. ':' .. ARGV[3], 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '@MAXLEN@', '*', 'job', ARGV[1], 'kind', kind,
+             'from', cur, 'to', ARGV[3], 'at', ARGV[4])
+end
+return {1, cur, 'ok'}
+""".replace("@MAXLEN@", str(keys.EVENTS_MAXLEN))
+
+_CREATE = """
+-- KEYS: job, events, jobs, due, counts, idem ('' when none)
+-- ARGV: id, kind, now, due, maxlen, idem_ttl, fields...
+if KEYS[6] ~= '' then
+  local existing = redis.call('GET', KEYS[6])
+  if existing then return {0, existing} end
+  redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6])
+end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':pending', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[1], 'kind', ARGV[2],
+           'from', '', 'to', 'pending', 'at', ARGV[3])
+return {1, ARGV[1]}
+"""
+
+_RECORD_OUTPUT = """
+-- KEYS: job. ARGV: field, json, now. Returns outputs still missing, or -1 if not downloading.
+if redis.call('HGET', KEYS[1], 'state') ~= 'downloading' then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'updated_at', ARGV[3])
+local have = 0
+for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(k, 1, 4) == 'out:' then have = have + 1 end
+end
+return tonumber(redis.call('HGET', KEYS[1], 'expected_outputs')) - have
+"""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The outcome of a compare-and-set: ``ok`` and the state found before it."""
+
+    ok: bool
+    previous: JobState | None
+    reason: str  # 'ok', 'state' (not in an allowed state), 'stale' (poll generation moved), 'missing'
+
+
+def _field(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+class Ledger:
+    """Job records in Redis. Plain Python: no Celery here."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        job_ttl: int = 7 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.job_ttl = job_ttl
+        self.clock = clock
+        self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
+        self._record_output = client.register_script(_RECORD_OUTPUT)
+
+    def create(
+        self,
+        job_id: str,
+        kind: JobKind,
+        request: Mapping[str, Any],
+        *,
+        expected_outputs: int,
+        due_at: float,
+        idempotency_key: str | None = None,
+    ) -> tuple[str, bool]:
+        """Record a new ``pending`` job. Returns ``(job_id, created)``; with an idempotency key that was
+        seen before, the earlier job's id and ``False``."""
+        now = self.clock()
+        fields = {
+            "id": job_id,
+            "kind": kind.value,
+            "state": JobState.PENDING.value,
+            "request": dict(request),
+            "created_at": now,
+            "updated_at": now,
+            "expected_outputs": expected_outputs,
+            "poll_gen": 0,
+        }
+        idem_key = keys.idempotency(idempotency_key) if idempotency_key else ""
+        args: list[Any] = [job_id, kind.value, now, due_at, keys.EVENTS_MAXLEN, self.job_ttl]
+        for name, value in fields.items():
+            args += [name, _field(value)]
+        created, found = self._create(
+            keys=[keys.job(job_id), keys.EVENTS, keys.JOBS, keys.DUE, keys.COUNTS, idem_key], args=args
+        )
+        return _text(found), bool(created)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(keys.job(job_id))
+        if not raw:
+            return None
+        return JobRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
+
+    def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobState],
+        to: JobState,
+        *,
+        expect_gen: int | None = None,
+        due_at: float | object | None = KEEP,
+        **fields: Any,
+    ) -> Transition:
+        """Move ``job_id`` to ``to`` if it is in one of ``allowed`` (and, with ``expect_gen``, its poll
+        generation still matches), setting ``fields``. ``due_at``: a time, ``None`` to drop it from the
+        due index, or :data:`KEEP`. Terminal states also drop it and start the record's TTL."""
+        if to.terminal:
+            due_at = None
+            fields.setdefault("finished_at", self.clock())
+        due = "" if due_at is KEEP else ("-" if due_at is None else repr(float(due_at)))  # type: ignore[arg-type]
+        args: list[Any] = [
+            job_id,
+            ",".join(s.value for s in allowed),
+            to.value,
+            self.clock(),
+            "" if expect_gen is None else str(expect_gen),
+            due,
+            self.job_ttl if to.terminal else "",
+        ]
+        for name, value in fields.items():
+            args += [name, _field(value)]
+        ok, prev, reason = self._transition(
+            keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS], args=args
+        )
+        prev_text = _text(prev)
+        return Transition(bool(ok), JobState(prev_text) if prev_text else None, _text(reason))
+
+    def record_output(self, job_id: str, output: OutputFile) -> int:
+        """Store one downloaded output; returns how many are still missing (-1: job not downloading)."""
+        remaining = self._record_output(
+            keys=[keys.job(job_id)],
+            args=[f"out:{output.index:04d}", output.model_dump_json(), self.clock()],
+        )
+        return int(remaining)
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        """Write fields without a state change; only for facts that must not be lost (an upstream id)."""
+        self.redis.hset(keys.job(job_id), mapping={k: _field(v) for k, v in fields.items()})
+
+    def set_urls(self, job_id: str, urls: Mapping[int, str]) -> None:
+        if urls:
+            self.redis.hset(keys.job_urls(job_id), mapping={str(i): u for i, u in urls.items()})
+            self.redis.expire(keys.job_urls(job_id), self.job_ttl)
+
+    def get_url(self, job_id: str, index: int) -> str | None:
+        value = self.redis.hget(keys.job_urls(job_id), str(index))
+        return None if value is None else _text(value)
+
+    def drop_urls(self, job_id: str) -> None:
+        self.redis.delete(keys.job_urls(job_id))
+
+    def counts(self) -> dict[str, int]:
+        """``<kind>:<state>`` -> number of jobs, for every pair that ever had one."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(keys.COUNTS).items()}
+
+    def list_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
+        """Job ids, newest first."""
+        return [_text(i) for i in self.redis.zrevrange(keys.JOBS, offset, offset + limit - 1)]
+
+    def overdue(self, before: float, limit: int = 1000) -> list[str]:
+        """Unfinished jobs whose next step was due before ``before``."""
+        return [_text(i) for i in self.redis.zrangebyscore(keys.DUE, "-inf", before, start=0, num=limit)]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)

@@ -1,0 +1,24 @@
+"""Builds the Celery app from settings. Invalid settings stop the process with a readable message."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.celeryconf import celery_config
+from config.settings import Settings, SettingsError, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    if settings is None:
+        try:
+            settings = get_settings()
+        except SettingsError as exc:
+            raise SystemExit(str(exc)) from None
+    app = Celery("genqueue", include=["tasks.jobs"], set_as_current=True)
+    app.conf.update(celery_config(settings))
+    from workers import signals  # noqa: F401  (connects the worker signal handlers)
+
+    return app
+
+
+app = create_app()

@@ -1,7 +1,7 @@
 """genqueue settings: one pydantic-settings model, read from ``GENQ_*`` env vars and ``.env``.
 
 Groups nest with a single underscore after the prefix: ``GENQ_API_BASE_URL`` is ``api.base_url``,
-``GENQ_REDIS_URL`` is ``redis.url``. A poll policy is one value, given as JSON::
+``GENQ_REDIS_URL`` is ``redis.url``. A poll policy is one JSON value; fields left out keep their defaults::
 
     GENQ_POLL_IMAGE='{"first_delay": 1, "interval": 2, "deadline": 600}'
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -96,21 +96,18 @@ class PollPolicy(_Group):
 
 
 class PollSettings(_Group):
-    """One poll policy per job kind, plus model training."""
+    """One poll policy per job kind."""
 
     image: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
     upscale: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
     video: PollPolicy = PollPolicy(first_delay=15, interval=10, backoff=1.25, max_interval=30, deadline=3600)
-    model: PollPolicy = PollPolicy(
-        first_delay=300, interval=300, backoff=1.0, max_interval=300, jitter=0.05, deadline=7200
-    )
     error_backoff: float = Field(2.0, gt=0)
     """First wait after a transient upstream error; doubles per consecutive error."""
     max_errors: int = Field(8, ge=1)
     """Consecutive transient errors on one job before it ends ``failed``."""
 
     def longest_wait(self) -> float:
-        policies = (self.image, self.upscale, self.video, self.model)
+        policies = (self.image, self.upscale, self.video)
         return max(max(p.max_interval, p.first_delay) for p in policies)
 
 
@@ -172,8 +169,6 @@ class Settings(BaseSettings):
     poll: PollSettings = PollSettings()
     download: DownloadSettings = DownloadSettings()
     worker: WorkerSettings = WorkerSettings()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _visibility_covers_waits(self) -> Settings:

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,6 +23,9 @@ from config.settings import load_settings
 from genq.embedded import EmbeddedRedis
 from genq.local import WorkerProcess
 from genq.models import JobRecord, JobState
+
+if TYPE_CHECKING:
+    from simulator import SimulatorProcess
 
 STAGE = {
     JobState.PENDING: 0,
@@ -39,9 +43,12 @@ DEMO_POLL = '{"first_delay": 1, "interval": 1, "backoff": 1.2, "max_interval": 3
 
 
 @contextlib.contextmanager
-def demo_environment(workdir: Path, console: Console) -> Iterator[dict[str, str]]:
+def demo_environment(
+    workdir: Path, console: Console
+) -> Iterator[tuple[dict[str, str], SimulatorProcess | None]]:
     """The GENQ_* environment for the demo, starting Redis and the simulator where none is configured."""
     env = dict(os.environ)
+    sim: SimulatorProcess | None = None
     with contextlib.ExitStack() as stack:
         if "GENQ_REDIS_URL" not in env:
             redis_server = stack.enter_context(EmbeddedRedis(data_dir=workdir / "redis"))
@@ -58,13 +65,16 @@ def demo_environment(workdir: Path, console: Console) -> Iterator[dict[str, str]
             env.setdefault("GENQ_POLL_IMAGE", DEMO_POLL)
             console.print(f"[dim]simulator at {sim.url}[/]")
         env.setdefault("GENQ_DOWNLOAD_DIR", str(Path("downloads").resolve()))
-        yield env
+        yield env, sim
 
 
 def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Console | None = None) -> int:
     """Run the demo; returns the process exit code (0 when every job succeeded)."""
     console = console or Console()
-    with tempfile.TemporaryDirectory(prefix="genq-demo-") as tmp, demo_environment(Path(tmp), console) as env:
+    with (
+        tempfile.TemporaryDirectory(prefix="genq-demo-") as tmp,
+        demo_environment(Path(tmp), console) as (env, sim),
+    ):
         os.environ.update(env)  # this process is the producer; it reads the same settings as the workers
         settings = load_settings()
         from genq.producer import Producer
@@ -84,7 +94,8 @@ def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Con
             records = _show_progress(producer, ids, console, timeout=settings.poll.image.deadline + 60)
             elapsed = time.monotonic() - started
             producer.close()
-    console.print(_table(records))
+        truth = _simulator_checksums(sim, records) if sim else None
+    console.print(_table(records, truth))
     ok = sum(r.state is JobState.SUCCEEDED for r in records)
     files = sum(len(r.outputs) for r in records)
     console.print(f"{ok}/{len(records)} jobs succeeded, {files} files, in {elapsed:.1f}s")
@@ -122,20 +133,32 @@ def _show_progress(producer: object, ids: list[str], console: Console, timeout: 
     return [records[i] for i in ids]
 
 
-def _table(records: list[JobRecord]) -> Table:
-    table = Table(title="genqueue demo: every job", show_lines=False)
-    for column in ("job", "state", "upstream job", "files", "path", "sha256"):
+def _simulator_checksums(sim: SimulatorProcess, records: list[JobRecord]) -> set[str]:
+    """sha256 of every file the simulator served, to show each download is byte-exact."""
+    sums: set[str] = set()
+    for record in records:
+        if record.upstream_id:
+            sums.update(out["sha256"] for out in sim.job(record.upstream_id).get("outputs", []))
+    return sums
+
+
+def _table(records: list[JobRecord], truth: set[str] | None) -> Table:
+    table = Table(title="genqueue demo: every job")
+    columns = ["job", "state", "upstream job", "files", "path", "sha256"]
+    for column in columns + (["matches upstream"] if truth is not None else []):
         table.add_column(column, overflow="fold")
+    cwd = Path.cwd()
     for record in records:
         colour = "green" if record.state is JobState.SUCCEEDED else "red"
-        head = [
-            record.id[:12],
-            f"[{colour}]{record.state.value}[/]",
-            record.upstream_id or "-",
-            str(len(record.outputs)),
-        ]
+        head = [record.id[:8], f"[{colour}]{record.state.value}[/]", record.upstream_id or "-"]
+        head.append(str(len(record.outputs)))
+        check: list[str] = ["-"] if truth is not None else []
         if not record.outputs:
-            table.add_row(*head, record.error or "-", "-")
+            table.add_row(*head, record.error or "-", "-", *check)
         for n, out in enumerate(record.outputs):
-            table.add_row(*(head if n == 0 else ["", "", "", ""]), out.path, out.sha256)
+            path = Path(out.path)
+            shown = str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+            if truth is not None:
+                check = ["[green]yes[/]" if out.sha256 in truth else "[red]NO[/]"]
+            table.add_row(*(head if n == 0 else [""] * 4), shown, out.sha256, *check)
     return table

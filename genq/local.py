@@ -29,6 +29,7 @@ class WorkerProcess:
         log_path: Path,
         name: str | None = None,
         extra_args: Sequence[str] = (),
+        cwd: Path | None = None,
     ) -> None:
         self.name = name or f"genq-{uuid.uuid4().hex[:8]}"
         self.hostname = f"{self.name}@%h"
@@ -45,18 +46,21 @@ class WorkerProcess:
             *extra_args,
         ]  # fmt: skip
         self.env = dict(env)
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("")
-        self.process = subprocess.Popen(
-            self.args,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.log_path.with_suffix(".stderr"), "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        with open(self.log_path.with_suffix(".stderr"), "wb") as stderr:
+            self.process = subprocess.Popen(
+                self.args,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,0 +1,90 @@
+"""The Redis ledger: compare-and-set transitions, events, due index, counts, idempotency."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from genq import keys
+from genq.embedded import EmbeddedRedis
+from genq.models import JobKind, JobState, OutputFile
+from genq.store import Ledger
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ledger(redis_server: EmbeddedRedis) -> Ledger:
+    return Ledger(redis.Redis.from_url(redis_server.url), job_ttl=3600)
+
+
+def _create(ledger: Ledger, job_id: str = "j1", key: str | None = None) -> tuple[str, bool]:
+    return ledger.create(
+        job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=2, due_at=100.0, idempotency_key=key
+    )
+
+
+def test_create_writes_a_pending_record_an_event_and_a_due_entry(ledger: Ledger) -> None:
+    assert _create(ledger) == ("j1", True)
+    record = ledger.get("j1")
+    assert record is not None
+    assert record.state is JobState.PENDING and record.request == {"prompt": "p"}
+    assert ledger.redis.zscore(keys.DUE, "j1") == 100.0
+    events = ledger.redis.xrange(keys.EVENTS)
+    assert [e[1][b"to"] for e in events] == [b"pending"]
+    assert ledger.counts() == {"image:pending": 1}
+
+
+def test_idempotency_key_returns_the_first_job(ledger: Ledger) -> None:
+    assert _create(ledger, "j1", key="order-7") == ("j1", True)
+    assert _create(ledger, "j2", key="order-7") == ("j1", False)
+    assert ledger.get("j2") is None
+
+
+def test_transition_is_compare_and_set(ledger: Ledger) -> None:
+    _create(ledger)
+    first = ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTING, submit_attempts=1)
+    duplicate = ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTING, submit_attempts=2)
+
+    assert (first.ok, first.previous) == (True, JobState.PENDING)
+    assert (duplicate.ok, duplicate.previous, duplicate.reason) == (False, JobState.SUBMITTING, "state")
+    record = ledger.get("j1")
+    assert record is not None and record.submit_attempts == 1
+    assert ledger.counts() == {"image:pending": 0, "image:submitting": 1}
+    assert [e[1][b"to"] for e in ledger.redis.xrange(keys.EVENTS)] == [b"pending", b"submitting"]
+
+
+def test_stale_poll_generation_is_refused(ledger: Ledger) -> None:
+    _create(ledger)
+    ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTED, poll_gen=1)
+    assert ledger.transition("j1", [JobState.SUBMITTED], JobState.RUNNING, expect_gen=1, poll_gen=2).ok
+    stale = ledger.transition("j1", [JobState.RUNNING], JobState.RUNNING, expect_gen=1, poll_gen=2)
+    assert (stale.ok, stale.reason) == (False, "stale")
+
+
+def test_missing_job(ledger: Ledger) -> None:
+    result = ledger.transition("nope", [JobState.PENDING], JobState.FAILED)
+    assert (result.ok, result.previous, result.reason) == (False, None, "missing")
+
+
+def test_terminal_transition_drops_due_entry_and_sets_ttl(ledger: Ledger) -> None:
+    _create(ledger)
+    ledger.set_urls("j1", {0: "https://x/0.png?token=t"})
+    ledger.transition("j1", [JobState.PENDING], JobState.FAILED, error="boom")
+    record = ledger.get("j1")
+    assert record is not None and record.state is JobState.FAILED and record.error == "boom"
+    assert record.finished_at is not None
+    assert ledger.redis.zscore(keys.DUE, "j1") is None
+    assert 0 < ledger.redis.ttl(keys.job("j1")) <= 3600
+
+
+def test_record_output_counts_down_and_only_while_downloading(ledger: Ledger) -> None:
+    _create(ledger)
+    out = OutputFile(index=1, remote_id="r", path="/x/01.png", bytes=3, sha256="ab")
+    assert ledger.record_output("j1", out) == -1
+    ledger.transition("j1", [JobState.PENDING], JobState.DOWNLOADING)
+    assert ledger.record_output("j1", out) == 1
+    assert ledger.record_output("j1", out) == 1  # the same output again counts once
+    assert ledger.record_output("j1", out.model_copy(update={"index": 0})) == 0
+    record = ledger.get("j1")
+    assert record is not None and [o.index for o in record.outputs] == [0, 1]

@@ -19,6 +19,9 @@ TASK_QUEUES: dict[str, str] = {
     "genq.poll": POLL,
     "genq.download": DOWNLOAD,
     "genq.finalize": POLL,
+    "genq.intake": SUBMIT,
+    "genq.train": TRAINING,
+    "genq.poll_model": TRAINING,
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""
 

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "GENQ_"
 
@@ -96,19 +97,24 @@ class PollPolicy(_Group):
 
 
 class PollSettings(_Group):
-    """One poll policy per job kind."""
+    """One poll policy per job kind, and one for model training."""
 
     image: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
     upscale: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
     video: PollPolicy = PollPolicy(first_delay=15, interval=10, backoff=1.25, max_interval=30, deadline=3600)
+    model: PollPolicy = PollPolicy(
+        first_delay=300, interval=300, backoff=1.0, max_interval=300, jitter=0.05, deadline=7200
+    )
+    """Model training: usually 20-25 minutes, so checked about every 5 minutes."""
     error_backoff: float = Field(2.0, gt=0)
     """First wait after a transient upstream error; doubles per consecutive error."""
     max_errors: int = Field(8, ge=1)
     """Consecutive transient errors on one job before it ends ``failed``."""
 
     def longest_wait(self) -> float:
-        policies = (self.image, self.upscale, self.video)
-        return max(max(p.max_interval, p.first_delay) for p in policies)
+        policies = (self.image, self.upscale, self.video, self.model)
+        # Jitter can stretch any wait by its fraction.
+        return max(max(p.max_interval, p.first_delay) * (1 + p.jitter) for p in policies)
 
 
 class DownloadSettings(_Group):
@@ -203,6 +209,12 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = [f"  {_env_name(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()]
         raise SettingsError("invalid genqueue settings:\n" + "\n".join(lines)) from None
+    except PydanticSettingsError as exc:
+        # Raised before validation when a JSON-valued variable (a GENQ_POLL_* policy) does not parse.
+        field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
+        raise SettingsError(
+            f"invalid genqueue settings:\n  {ENV_PREFIX}{field.upper()}_*: not valid JSON ({exc})"
+        ) from None
 
 
 @lru_cache(maxsize=1)

@@ -31,4 +31,17 @@ class Finalize:
     job_id: str
 
 
-Action = SubmitLater | PollLater | Download | Finalize
+@dataclass(frozen=True)
+class TrainLater:
+    model_id: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class PollModelLater:
+    model_id: str
+    gen: int
+    delay: float
+
+
+Action = SubmitLater | PollLater | Download | Finalize | TrainLater | PollModelLater

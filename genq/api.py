@@ -14,8 +14,8 @@ from urllib.parse import quote
 import requests
 from pydantic import SecretStr
 
-from genq.errors import ProtocolError, RateLimited, UpstreamRejected, UpstreamUnavailable
-from genq.models import JobKind, UpstreamJob
+from genq.errors import GenqError, ProtocolError, RateLimited, UpstreamRejected, UpstreamUnavailable
+from genq.models import JobKind, UpstreamJob, UpstreamModel
 
 TRIGGER_PATHS: dict[JobKind, str] = {
     JobKind.IMAGE: "/images/generation",
@@ -24,6 +24,8 @@ TRIGGER_PATHS: dict[JobKind, str] = {
 }
 
 _MAX_DETAIL = 200
+MAX_RETRY_AFTER = 3600.0
+"""Longest wait a Retry-After header can impose, in seconds."""
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -31,15 +33,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if value.replace(".", "", 1).isdigit():
+        # Delta-seconds; capped so a hostile or broken header cannot park work for ever.
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(MAX_RETRY_AFTER, max(0.0, when.timestamp() - (time.time() if now is None else now)))
 
 
 class UpstreamClient:
@@ -57,7 +58,8 @@ class UpstreamClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
         self.session = session or requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+        self._secret = api_key.get_secret_value()
+        self.session.headers["Authorization"] = f"Bearer {self._secret}"
         self.session.headers["Accept"] = "application/json"
 
     def __repr__(self) -> str:
@@ -74,7 +76,16 @@ class UpstreamClient:
             raise ProtocolError(f"asked for job {upstream_id!r}, got {job.job_id[:64]!r}")
         return job
 
-    def _request(self, method: str, path: str, json: Any = None) -> Any:
+    def train_model(self, model_id: str) -> str:
+        """Start training; the upstream answers a success string, not a job id."""
+        answer = self._request("GET", f"/models/{_segment(model_id)}/train", text_ok=True)
+        return answer if isinstance(answer, str) else str(answer)[:_MAX_DETAIL]
+
+    def get_model(self, model_id: str) -> UpstreamModel:
+        """One readiness check of a model."""
+        return UpstreamModel.from_payload(self._request("GET", f"/models/{_segment(model_id)}"))
+
+    def _request(self, method: str, path: str, json: Any = None, text_ok: bool = False) -> Any:
         what = f"{method} {path}"
         try:
             response = self.session.request(method, self.base_url + path, json=json, timeout=self.timeout)
@@ -87,10 +98,17 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"{what}: connection failed", ambiguous=_was_sent(exc)) from None
         except requests.RequestException as exc:
             raise UpstreamUnavailable(f"{what}: {type(exc).__name__}", ambiguous=True) from None
-        return _decode(what, response)
+        try:
+            return _decode(what, response, text_ok)
+        except GenqError as exc:
+            # An upstream may echo the token back in an error body; it must not reach logs or Redis.
+            secret = self._secret
+            if secret and secret in str(exc):
+                exc.args = (str(exc).replace(secret, "[REDACTED]"), *exc.args[1:])
+            raise
 
 
-def _decode(what: str, response: requests.Response) -> Any:
+def _decode(what: str, response: requests.Response, text_ok: bool = False) -> Any:
     status = response.status_code
     if status == 429:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -107,6 +125,8 @@ def _decode(what: str, response: requests.Response) -> Any:
     try:
         return response.json()
     except ValueError:
+        if text_ok:
+            return response.text[:_MAX_DETAIL]
         raise ProtocolError(f"{what}: {status} answer is not JSON: {response.text[:_MAX_DETAIL]!r}") from None
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.table import Table
 
 from config.settings import SettingsError
-from genq.errors import GenqError
+from genq.errors import GenqError, JobFailed
+
+if TYPE_CHECKING:
+    from genq.producer import Producer
 
 
 def _fail(message: str) -> None:
@@ -50,6 +55,38 @@ def submit() -> None:
     """Submit a job."""
 
 
+def _submit_options(fn: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--idempotency-key", help="Resubmitting with the same key returns the first job."),
+            click.option("--wait", "wait_for", is_flag=True, help="Wait for the job to finish."),
+            click.option(
+                "--timeout", type=float, default=None, help="Seconds to wait at most (with --wait)."
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _submit(
+    request: dict[str, Any], idempotency_key: str | None, wait_for: bool, timeout: float | None, as_json: bool
+) -> None:
+    producer = _producer()
+    handle = producer.submit({k: v for k, v in request.items() if v is not None}, idempotency_key)
+    if not wait_for:
+        click.echo(json.dumps({"id": handle.id, "created": handle.created}) if as_json else handle.id)
+        return
+    try:
+        record = producer.wait(handle.id, timeout=timeout)
+    except JobFailed:
+        record = producer.status(handle.id)
+        _print_record(record, as_json)
+        sys.exit(1)
+    _print_record(record, as_json)
+
+
 @submit.command("image")
 @click.option("--prompt", required=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
@@ -57,37 +94,145 @@ def submit() -> None:
 @click.option("--height", type=int, default=1024, show_default=True)
 @click.option("--seed", type=int)
 @click.option("--negative-prompt")
-@click.option("--model-id")
-@click.option("--idempotency-key", help="Resubmitting with the same key returns the first job.")
-@click.option("--wait", "wait_for", is_flag=True, help="Wait for the job to finish.")
-@click.option("--timeout", type=float, default=None, help="Seconds to wait at most (with --wait).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--model-id", help="A trained model; waits (parked) while it is still training.")
+@_submit_options
 def submit_image(
-    prompt: str,
-    num_images: int,
-    width: int,
-    height: int,
-    seed: int | None,
-    negative_prompt: str | None,
-    model_id: str | None,
+    idempotency_key: str | None, wait_for: bool, timeout: float | None, as_json: bool, **options: Any
+) -> None:
+    """Generate images."""
+    _submit({"kind": "image", **options}, idempotency_key, wait_for, timeout, as_json)
+
+
+@submit.command("upscale")
+@click.option("--image-id", help="An upstream image id.")
+@click.option("--image-url", help="Or an http(s) URL of the image.")
+@click.option("--source-job", help="Or an earlier genqueue job whose output to upscale.")
+@click.option("--index", type=int, default=0, show_default=True, help="Which output of --source-job.")
+@click.option("--factor", type=click.Choice(["2", "4"]), default="2", show_default=True)
+@_submit_options
+def submit_upscale(
+    image_id: str | None,
+    image_url: str | None,
+    source_job: str | None,
+    index: int,
+    factor: str,
     idempotency_key: str | None,
     wait_for: bool,
     timeout: float | None,
     as_json: bool,
 ) -> None:
-    """Generate images."""
-    from genq.producer import Producer
+    """Upscale an image."""
+    if source_job:
+        image_id = _producer()._output_id(source_job, index)
+    request = {"kind": "upscale", "image_id": image_id, "image_url": image_url, "factor": int(factor)}
+    _submit(request, idempotency_key, wait_for, timeout, as_json)
 
-    options = {"num_images": num_images, "width": width, "height": height, "seed": seed,
-               "negative_prompt": negative_prompt, "model_id": model_id}  # fmt: skip
-    producer = Producer()
-    handle = producer.submit_image(
-        prompt, idempotency_key=idempotency_key, **{k: v for k, v in options.items() if v is not None}
-    )
-    if not wait_for:
-        click.echo(json.dumps({"id": handle.id, "created": handle.created}) if as_json else handle.id)
+
+@submit.command("video")
+@click.option("--prompt")
+@click.option("--image-id", help="A source image (upstream id).")
+@click.option("--image-url", help="Or a source image URL.")
+@click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds of video.")
+@click.option("--seed", type=int)
+@click.option("--model-id")
+@_submit_options
+def submit_video(
+    idempotency_key: str | None, wait_for: bool, timeout: float | None, as_json: bool, **options: Any
+) -> None:
+    """Generate a video from a prompt and/or an image."""
+    _submit({"kind": "video", **options}, idempotency_key, wait_for, timeout, as_json)
+
+
+@submit.command("workflow")
+@click.option("--prompt", required=True)
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--upscale-factor", type=click.Choice(["2", "4"]), default="2", show_default=True)
+@_submit_options
+def submit_workflow(
+    prompt: str,
+    num_images: int,
+    upscale_factor: str,
+    idempotency_key: str | None,
+    wait_for: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Generate images, then upscale every one (one id to follow)."""
+    request = {"kind": "workflow", "generate": {"prompt": prompt, "num_images": num_images},
+               "upscale_factor": int(upscale_factor)}  # fmt: skip
+    _submit(request, idempotency_key, wait_for, timeout, as_json)
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--force", is_flag=True, help="Train again even if the model is ready.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def train(model_id: str, force: bool, as_json: bool) -> None:
+    """Start training a model (once, however often it is asked)."""
+    _print_model(_producer().train_model(model_id, force=force), as_json)
+
+
+@main.command()
+@click.argument("model_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(model_id: str | None, as_json: bool) -> None:
+    """List models, or show one with its history."""
+    producer = _producer()
+    if model_id:
+        _print_model(producer.model_status(model_id), as_json)
         return
-    _print_record(producer.wait(handle.id, timeout=timeout), as_json)
+    records = producer.list_models()
+    if as_json:
+        click.echo(json.dumps([m.model_dump(mode="json", exclude={"history"}) for m in records], indent=2))
+        return
+    table = Table("model", "state", "checks", "parked", "error")
+    for m in records:
+        table.add_row(m.id, m.state.value, str(m.checks), str(m.parked), m.error or "")
+    Console().print(table)
+
+
+@main.command()
+@click.option("--state", multiple=True, help="Only jobs in this state (repeatable).")
+@click.option("--kind", multiple=True, help="Only jobs of this kind (repeatable).")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs(state: tuple[str, ...], kind: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List recent jobs, newest first."""
+    records = _producer().list_jobs(state=state or None, kind=kind or None, limit=limit)
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return
+    table = Table("job", "kind", "state", "upstream", "files", "error")
+    for r in records:
+        table.add_row(
+            r.id, r.kind.value, r.state.value, r.upstream_id or "", str(len(r.outputs)), r.error or ""
+        )
+    Console().print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a job (a workflow with all its steps); no upstream call is made for it afterwards."""
+    producer = _producer()
+    changed = producer.cancel(job_id)
+    record = producer.status(job_id)
+    if as_json:
+        click.echo(json.dumps({"id": job_id, "cancelled": changed, "state": record.state.value}))
+    else:
+        click.echo(f"{job_id} {'cancelled' if changed else 'already ' + record.state.value}")
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1)
+@click.option("--timeout", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per state change.")
+def watch(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
+    """Follow state changes live: of the given jobs (until they end), or of every job."""
+    from genq.watch import watch_jobs
+
+    watch_jobs(_producer(), list(job_ids) or None, timeout=timeout, as_json=as_json)
 
 
 @main.command()
@@ -95,9 +240,7 @@ def submit_image(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(job_id: str, as_json: bool) -> None:
     """Show a job's record."""
-    from genq.producer import Producer
-
-    _print_record(Producer().status(job_id), as_json)
+    _print_record(_producer().status(job_id), as_json)
 
 
 @main.command()
@@ -112,6 +255,36 @@ def simulator(host: str, port: int, config_json: str | None) -> None:
     sys.exit(simulator_main(argv))
 
 
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of requests, as the by-name ``genq.intake`` task accepts them."""
+    from genq.models import REQUEST_ADAPTER
+
+    click.echo(json.dumps(REQUEST_ADAPTER.json_schema(), indent=2))
+
+
+def _producer() -> Producer:
+    from genq.producer import Producer
+
+    return Producer()
+
+
+def _print_model(record: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(record.model_dump_json(indent=2))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{record.id}[/] [bold]{record.state.value}[/]  "
+        f"checks {record.checks}, parked jobs {record.parked}"
+    )
+    if record.error:
+        console.print(f"  error: {record.error}")
+    for entry in record.history:
+        when = time.strftime("%H:%M:%S", time.localtime(entry["at"]))
+        console.print(f"  {when} {entry['event']} {entry.get('detail') or ''}")
+
+
 def _print_record(record: Any, as_json: bool) -> None:
     if as_json:
         click.echo(record.model_dump_json(indent=2))
@@ -119,7 +292,8 @@ def _print_record(record: Any, as_json: bool) -> None:
     console = Console()
     console.print(f"[bold]{record.id}[/] {record.kind.value} [bold]{record.state.value}[/]")
     for label, value in (("upstream", record.upstream_id), ("upstream status", record.upstream_status),
-                         ("polls", record.polls), ("error", record.error)):  # fmt: skip
+                         ("polls", record.polls), ("model", record.model_id), ("workflow", record.parent_id),
+                         ("steps", ", ".join(record.children)), ("error", record.error)):  # fmt: skip
         if value:
             console.print(f"  {label}: {value}")
     for out in record.outputs:

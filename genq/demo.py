@@ -16,30 +16,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from config.celeryconf import QUEUES
 from config.settings import load_settings
 from genq.embedded import EmbeddedRedis
 from genq.local import WorkerProcess
 from genq.models import JobRecord, JobState
+from genq.watch import JobBoard
 
 if TYPE_CHECKING:
+    from genq.producer import Producer
     from simulator import SimulatorProcess
 
-STAGE = {
-    JobState.PENDING: 0,
-    JobState.SUBMITTING: 1,
-    JobState.SUBMITTED: 2,
-    JobState.RUNNING: 3,
-    JobState.DOWNLOADING: 4,
-}
-STAGES = 5
 PROMPTS = [
     "a lighthouse at dawn", "a fox in fresh snow", "a city of glass", "a bowl of ramen, top view",
     "an origami crane", "a desert storm", "a koi pond", "a cabin in a pine forest",
 ]  # fmt: skip
 DEMO_POLL = '{"first_delay": 1, "interval": 1, "backoff": 1.2, "max_interval": 3, "deadline": 180}'
+# The simulator trains in seconds, so the demo checks every second instead of every 5 minutes.
+DEMO_MODEL_POLL = '{"first_delay": 1, "interval": 1, "max_interval": 1, "deadline": 120}'
+DEMO_MODEL = "demo-model"
 
 
 @contextlib.contextmanager
@@ -59,10 +56,19 @@ def demo_environment(
             from simulator.config import Duration
 
             sim = stack.enter_context(
-                start_simulator(SimConfig(duration=Duration(kind="lognormal", median=3, sigma=0.5, max=10)))
+                start_simulator(
+                    SimConfig(
+                        duration=Duration(kind="lognormal", median=3, sigma=0.5, max=10),
+                        video_duration=Duration(value=4),
+                        video_bytes=2_000_000,
+                        training_duration=4,
+                    )
+                )
             )
             env.update(GENQ_API_BASE_URL=sim.url, GENQ_API_KEY=sim.api_key, GENQ_DOWNLOAD_ALLOW_HTTP="true")
-            env.setdefault("GENQ_POLL_IMAGE", DEMO_POLL)
+            for kind in ("IMAGE", "UPSCALE", "VIDEO"):
+                env.setdefault(f"GENQ_POLL_{kind}", DEMO_POLL)
+            env.setdefault("GENQ_POLL_MODEL", DEMO_MODEL_POLL)
             console.print(f"[dim]simulator at {sim.url}[/]")
         env.setdefault("GENQ_DOWNLOAD_DIR", str(Path("downloads").resolve()))
         yield env, sim
@@ -81,20 +87,15 @@ def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Con
 
         with WorkerProcess(env, concurrency=concurrency, log_path=Path(tmp) / "worker.log") as worker:
             console.print(
-                f"[dim]worker pool {worker.name}: {concurrency} processes, queues submit,poll,download[/]"
+                f"[dim]worker pool {worker.name}: {concurrency} processes, queues {','.join(QUEUES)}[/]"
             )
             producer = Producer(settings)
             started = time.monotonic()
-            ids = [
-                producer.submit_image(
-                    f"{PROMPTS[i % len(PROMPTS)]} #{i}", num_images=images, width=512, height=512
-                ).id
-                for i in range(jobs)
-            ]
+            ids = _submit_batch(producer, jobs, images, console)
             records = _show_progress(producer, ids, console, timeout=settings.poll.image.deadline + 60)
             elapsed = time.monotonic() - started
-            producer.close()
-        truth = _simulator_checksums(sim, records) if sim else None
+        truth = _simulator_checksums(sim, producer, records) if sim else None
+        producer.close()
     console.print(_table(records, truth))
     ok = sum(r.state is JobState.SUCCEEDED for r in records)
     files = sum(len(r.outputs) for r in records)
@@ -102,41 +103,45 @@ def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Con
     return 0 if ok == len(records) else 1
 
 
-def _show_progress(producer: object, ids: list[str], console: Console, timeout: float) -> list[JobRecord]:
-    from genq.producer import Producer
+def _submit_batch(producer: Producer, jobs: int, images: int, console: Console) -> list[str]:
+    """Every kind of work: image jobs, a video, a generate-then-upscale workflow, and a model
+    training with a generation parked on it until it is ready."""
+    ids = [
+        producer.submit_image(
+            f"{PROMPTS[i % len(PROMPTS)]} #{i}", num_images=images, width=512, height=512
+        ).id
+        for i in range(jobs)
+    ]
+    ids.append(producer.submit_video("waves on a pebble beach", duration=4).id)
+    ids.append(producer.submit_workflow("a paper boat", num_images=2, upscale_factor=2).id)
+    model = producer.train_model(DEMO_MODEL, force=True)
+    parked = producer.submit_image("a portrait in the trained style", model_id=DEMO_MODEL)
+    console.print(
+        f"[dim]training {DEMO_MODEL} ({model.state.value}); job {parked.id[:8]} is "
+        f"{parked.status().state.value} until it is ready[/]"
+    )
+    return [*ids, parked.id]
 
-    assert isinstance(producer, Producer)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+def _show_progress(producer: Producer, ids: list[str], console: Console, timeout: float) -> list[JobRecord]:
     records: dict[str, JobRecord] = {}
     deadline = time.monotonic() + timeout
-    with Progress(*columns, console=console, transient=False) as progress:
-        overall = progress.add_task("[bold]all jobs", total=len(ids))
-        bars = {job_id: progress.add_task(f"{job_id[:8]} pending", total=STAGES) for job_id in ids}
+    with JobBoard(console, total=len(ids)) as board:
         while time.monotonic() < deadline:
             for job_id in ids:
-                record = producer.status(job_id)
-                records[job_id] = record
-                stage = STAGES if record.terminal else STAGE.get(record.state, 0)
-                colour = (
-                    "green" if record.state is JobState.SUCCEEDED else ("red" if record.terminal else "cyan")
-                )
-                progress.update(
-                    bars[job_id],
-                    completed=stage,
-                    description=f"{job_id[:8]} [{colour}]{record.state.value}[/]",
-                )
-            done = sum(r.terminal for r in records.values())
-            progress.update(overall, completed=done)
-            if done == len(ids):
+                records[job_id] = producer.status(job_id)
+                board.show(records[job_id])
+            if all(r.terminal for r in records.values()):
                 break
             time.sleep(0.2)
     return [records[i] for i in ids]
 
 
-def _simulator_checksums(sim: SimulatorProcess, records: list[JobRecord]) -> set[str]:
+def _simulator_checksums(sim: SimulatorProcess, producer: Producer, records: list[JobRecord]) -> set[str]:
     """sha256 of every file the simulator served, to show each download is byte-exact."""
     sums: set[str] = set()
-    for record in records:
+    steps = [producer.status(child) for record in records for child in record.children]
+    for record in [*records, *steps]:
         if record.upstream_id:
             sums.update(out["sha256"] for out in sim.job(record.upstream_id).get("outputs", []))
     return sums
@@ -144,13 +149,14 @@ def _simulator_checksums(sim: SimulatorProcess, records: list[JobRecord]) -> set
 
 def _table(records: list[JobRecord], truth: set[str] | None) -> Table:
     table = Table(title="genqueue demo: every job")
-    columns = ["job", "state", "upstream job", "files", "path", "sha256"]
+    columns = ["job", "kind", "state", "upstream job", "files", "path", "sha256"]
     for column in columns + (["matches upstream"] if truth is not None else []):
         table.add_column(column, overflow="fold")
     cwd = Path.cwd()
     for record in records:
         colour = "green" if record.state is JobState.SUCCEEDED else "red"
-        head = [record.id[:8], f"[{colour}]{record.state.value}[/]", record.upstream_id or "-"]
+        upstream = record.upstream_id or (f"{len(record.children)} steps" if record.children else "-")
+        head = [record.id[:8], record.kind.value, f"[{colour}]{record.state.value}[/]", upstream]
         head.append(str(len(record.outputs)))
         check: list[str] = ["-"] if truth is not None else []
         if not record.outputs:
@@ -160,5 +166,5 @@ def _table(records: list[JobRecord], truth: set[str] | None) -> Table:
             shown = str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
             if truth is not None:
                 check = ["[green]yes[/]" if out.sha256 in truth else "[red]NO[/]"]
-            table.add_row(*(head if n == 0 else [""] * 4), shown, out.sha256, *check)
+            table.add_row(*(head if n == 0 else [""] * len(head)), shown, out.sha256, *check)
     return table

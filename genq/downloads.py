@@ -8,13 +8,13 @@ The file name is ours (``<index>.<ext>``), never the remote id. The API key is n
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import hashlib
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import requests
@@ -54,55 +54,101 @@ class Downloaded:
 
 def redact_url(url: str) -> str:
     """The URL without query or fragment (presigned URLs carry tokens there)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.netloc.rpartition("@")[2]  # keeps IPv6 brackets and the port; drops credentials
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def check_url(url: str, rules: DownloadRules) -> None:
     """Refuse schemes other than https (and http when allowed)."""
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise DownloadRefused(f"malformed URL {redact_url(url)}") from None
+    scheme = parts.scheme.lower()
     allowed = {"https", "http"} if rules.allow_http else {"https"}
     if scheme not in allowed:
         raise DownloadRefused(f"scheme {scheme or '(none)'!r} not allowed for {redact_url(url)}")
 
 
+class Busy(Exception):
+    """Another delivery of the same download holds the file; this one should do nothing."""
+
+
 def fetch(
     session: requests.Session, url: str, dest_dir: Path, stem: str, rules: DownloadRules, media: str
 ) -> Downloaded:
-    """Stream ``url`` to ``dest_dir/<stem><ext>``; ``media`` is the expected type family (``image``)."""
+    """Stream ``url`` to ``dest_dir/<stem><ext>``; ``media`` is the expected type family (``image``).
+
+    Bytes go to ``.<stem>.part`` first. A transient failure leaves that file in place, and the next
+    attempt asks only for the rest with a Range request (starting over if the server ignores it).
+    A refusal deletes it. Only a complete, fsynced file is renamed to its final name.
+    """
     check_url(url, rules)
     shown = redact_url(url)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    part = dest_dir / f".{stem}.part"
+    with open(part, "a+b") as out:
+        try:
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(shown) from None
+        try:
+            size, digest, content_type = _fetch_into(session, url, out, rules, media, shown)
+        except DownloadRefused:
+            part.unlink(missing_ok=True)
+            raise
+        final = dest_dir / f"{stem}{EXTENSIONS[content_type]}"
+        os.replace(part, final)
+    return Downloaded(final, size, digest, content_type)
+
+
+def _fetch_into(
+    session: requests.Session, url: str, out: BinaryIO, rules: DownloadRules, media: str, shown: str
+) -> tuple[int, str, str]:
     started = time.monotonic()
+    have = out.seek(0, os.SEEK_END)
+    # Ranges over compressed encodings are ill-defined, so a resumed request asks for identity.
+    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
     try:
         response = session.get(
-            url, stream=True, allow_redirects=False, timeout=(rules.connect_timeout, rules.read_timeout)
+            url,
+            stream=True,
+            allow_redirects=False,
+            headers=headers,
+            timeout=(rules.connect_timeout, rules.read_timeout),
         )
     except requests.RequestException as exc:
         raise UpstreamUnavailable(f"download {shown}: {type(exc).__name__}") from None
     with response:
-        _check_response(response, shown, media)
-        content_type = _content_type(response)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        final = dest_dir / f"{stem}{EXTENSIONS[content_type]}"
-        tmp = dest_dir / f".{stem}.{uuid.uuid4().hex}.part"
-        try:
-            size, digest = _stream(response, tmp, rules, started, shown)
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    return Downloaded(final, size, digest, content_type)
+        resumed = bool(have) and response.status_code == 206 and _range_start(response) == have
+        if not resumed:
+            if response.status_code == 206:
+                raise UpstreamUnavailable(f"download {shown}: unexpected partial content; starting over")
+            out.seek(0)
+            out.truncate()
+            have = 0
+        _check_response(response, shown, media, partial_ok=resumed)
+        digest = hashlib.sha256()
+        if have:
+            out.seek(0)
+            for block in iter(lambda: out.read(1024 * 1024), b""):
+                digest.update(block)
+        size = _stream(response, out, have, digest, rules, started, shown)
+    return size, digest.hexdigest(), _content_type(response)
 
 
-def _check_response(response: requests.Response, shown: str, media: str) -> None:
+def _check_response(response: requests.Response, shown: str, media: str, partial_ok: bool = False) -> None:
     status = response.status_code
     if 300 <= status < 400:
         raise DownloadRefused(f"download {shown}: redirect {status} not followed")
     if status == 429 or status >= 500:
         raise UpstreamUnavailable(f"download {shown}: {status}")
-    if status != 200:
+    if status != 200 and not (partial_ok and status == 206):
         raise DownloadRefused(f"download {shown}: {status}")
     content_type = _content_type(response)
     if content_type not in EXTENSIONS or not content_type.startswith(media + "/"):
@@ -113,29 +159,46 @@ def _content_type(response: requests.Response) -> str:
     return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
 
+def _range_start(response: requests.Response) -> int | None:
+    """The first byte of a 206 answer, from ``Content-Range: bytes START-END/TOTAL``."""
+    value = response.headers.get("Content-Range", "")
+    if not value.startswith("bytes ") or "-" not in value:
+        return None
+    start = value[6:].split("-", 1)[0].strip()
+    return int(start) if start.isdigit() else None
+
+
 def _stream(
-    response: requests.Response, tmp: Path, rules: DownloadRules, started: float, shown: str
-) -> tuple[int, str]:
+    response: requests.Response,
+    out: BinaryIO,
+    have: int,
+    digest: Any,
+    rules: DownloadRules,
+    started: float,
+    shown: str,
+) -> int:
     declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > rules.max_bytes:
-        raise DownloadRefused(f"download {shown}: {declared} bytes exceeds the {rules.max_bytes} cap")
-    digest = hashlib.sha256()
-    size = 0
+    expected = have + int(declared) if declared and declared.isdigit() else None
+    if expected is not None and expected > rules.max_bytes:
+        raise DownloadRefused(f"download {shown}: {expected} bytes exceeds the {rules.max_bytes}-byte cap")
+    size = have
     try:
-        with open(tmp, "wb") as out:
-            # iter_content decodes Content-Encoding, so the cap counts the bytes that reach the disk.
-            for chunk in response.iter_content(chunk_size=rules.chunk_bytes):
-                size += len(chunk)
-                if size > rules.max_bytes:
-                    raise DownloadRefused(f"download {shown}: more than the {rules.max_bytes}-byte cap")
-                if time.monotonic() - started > rules.timeout:
-                    raise DownloadRefused(f"download {shown}: exceeded the {rules.timeout:.0f}s limit")
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        # iter_content decodes Content-Encoding, so the cap counts the bytes that reach the disk.
+        for chunk in response.iter_content(chunk_size=rules.chunk_bytes):
+            size += len(chunk)
+            if size > rules.max_bytes:
+                raise DownloadRefused(f"download {shown}: more than the {rules.max_bytes}-byte cap")
+            if time.monotonic() - started > rules.timeout:
+                raise DownloadRefused(f"download {shown}: exceeded the {rules.timeout:.0f}s limit")
+            digest.update(chunk)
+            out.write(chunk)
     except requests.RequestException as exc:
-        raise UpstreamUnavailable(f"download {shown}: interrupted ({type(exc).__name__})") from None
-    if declared and declared.isdigit() and size != int(declared):
-        raise UpstreamUnavailable(f"download {shown}: got {size} of {declared} bytes")
-    return size, digest.hexdigest()
+        out.flush()
+        raise UpstreamUnavailable(
+            f"download {shown}: interrupted after {size} bytes ({type(exc).__name__})"
+        ) from None
+    out.flush()
+    os.fsync(out.fileno())
+    if expected is not None and size != expected and "Content-Encoding" not in response.headers:
+        raise UpstreamUnavailable(f"download {shown}: got {size} of {expected} bytes")
+    return size

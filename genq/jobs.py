@@ -23,10 +23,12 @@ from genq.errors import PermanentError, ProtocolError, TransientError, UpstreamU
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
 from genq.store import Ledger
+from genq.workflows import WorkflowService
 
 log = logging.getLogger(__name__)
 
 MEDIA: dict[JobKind, str] = {JobKind.IMAGE: "image", JobKind.UPSCALE: "image", JobKind.VIDEO: "video"}
+TRIGGERED_KINDS = frozenset(MEDIA)
 MAX_SUBMIT_ATTEMPTS = 5
 
 
@@ -40,13 +42,14 @@ class JobService:
     files: requests.Session
     clock: Callable[[], float]
     rng: random.Random
+    workflows: WorkflowService
 
     # ------------------------------------------------------------------ submit
 
     def submit(self, job_id: str) -> list[Action]:
         rec = self.ledger.get(job_id)
-        if rec is None:
-            log.warning("submit: job %s not in the ledger; nothing to do", job_id)
+        if rec is None or rec.kind not in TRIGGERED_KINDS:
+            log.warning("submit: no submittable job %s in the ledger; nothing to do", job_id)
             return []
         now = self.clock()
         moved = self.ledger.transition(
@@ -275,6 +278,8 @@ class JobService:
             got = downloads.fetch(
                 self.files, url, self.settings.download.dir / job_id, f"{index:02d}", rules, MEDIA[rec.kind]
             )
+        except downloads.Busy:
+            return []  # a duplicate delivery is already downloading this file
         except TransientError as exc:
             if attempt + 1 >= self.settings.download.max_attempts:
                 return self._end(
@@ -313,10 +318,11 @@ class JobService:
                 rec, JobState.FAILED, [JobState.DOWNLOADING], f"downloaded files vanished: {missing}"
             )
         moved = self.ledger.transition(job_id, [JobState.DOWNLOADING], JobState.SUCCEEDED, error=None)
-        if moved.ok:
-            self.ledger.drop_urls(job_id)
-            log.info("job %s succeeded with %d files", job_id, len(rec.outputs))
-        return []
+        if not moved.ok:
+            return []
+        self.ledger.drop_urls(job_id)
+        log.info("job %s succeeded with %d files", job_id, len(rec.outputs))
+        return self._ended(job_id)
 
     # ------------------------------------------------------------------ helpers
 
@@ -341,11 +347,29 @@ class JobService:
     ) -> list[Action]:
         """Move the job to a terminal state with its reason (if it is still in ``allowed``)."""
         moved = self.ledger.transition(rec.id, allowed, to, expect_gen=expect_gen, error=reason, **fields)
-        if moved.ok:
-            log.warning("job %s %s: %s", rec.id, to.value, reason)
-            if to is not JobState.SUCCEEDED:
-                self.ledger.drop_urls(rec.id)
-        return []
+        if not moved.ok:
+            return []
+        log.warning("job %s %s: %s", rec.id, to.value, reason)
+        self.ledger.drop_urls(rec.id)
+        for leftover in (self.settings.download.dir / rec.id).glob(".*.part"):
+            leftover.unlink(missing_ok=True)  # kept for resuming; no use once the job has ended
+        return self._ended(rec.id)
+
+    def _ended(self, job_id: str) -> list[Action]:
+        """A job reached a terminal state: let its workflow, if any, take the next step."""
+        rec = self.ledger.get(job_id)
+        return self.workflows.step_ended(rec) if rec is not None and rec.parent_id else []
+
+    # ------------------------------------------------------------------ parked jobs and cancels
+
+    def release(self, job_id: str) -> list[Action]:
+        """A parked job's model is ready: submit it."""
+        moved = self.ledger.transition(job_id, [JobState.PARKED], JobState.PENDING, due_at=self.clock())
+        return [SubmitLater(job_id, 0.0)] if moved.ok else []
+
+    def fail_parked(self, job_id: str, reason: str) -> list[Action]:
+        rec = self.ledger.get(job_id)
+        return self._end(rec, JobState.FAILED, [JobState.PARKED], reason) if rec else []
 
 
 def _unknown_reason(detail: str) -> str:

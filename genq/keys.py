@@ -13,6 +13,9 @@ DUE = f"{PREFIX}:due"
 COUNTS = f"{PREFIX}:counts"
 """Hash: ``<kind>:<state>`` -> number of jobs in that state."""
 
+MODELS = f"{PREFIX}:models"
+"""Sorted set: every model genqueue has trained, by first request time."""
+
 EVENTS_MAXLEN = 100_000
 """Approximate cap on the event stream."""
 
@@ -30,3 +33,18 @@ def job_urls(job_id: str) -> str:
 def idempotency(key: str) -> str:
     """String: producer idempotency key -> job id."""
     return f"{PREFIX}:idem:{key}"
+
+
+def model(model_id: str) -> str:
+    """Hash: the model record."""
+    return f"{PREFIX}:model:{model_id}"
+
+
+def model_history(model_id: str) -> str:
+    """List: JSON events of the model's training (requested, started, checks, ready, failed)."""
+    return f"{PREFIX}:model:{model_id}:history"
+
+
+def model_parked(model_id: str) -> str:
+    """Set: ids of jobs parked until the model is ready."""
+    return f"{PREFIX}:model:{model_id}:parked"

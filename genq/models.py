@@ -6,7 +6,15 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from genq.errors import ProtocolError
 
@@ -17,11 +25,13 @@ class JobKind(StrEnum):
     IMAGE = "image"  # POST /images/generation
     UPSCALE = "upscale"  # POST /images/upscaling
     VIDEO = "video"  # POST /videos/generation
+    WORKFLOW = "workflow"  # generate, then upscale every output: a parent of ordinary jobs
 
 
 class JobState(StrEnum):
     """Where a job is in genqueue's ledger. Terminal states never change again."""
 
+    PARKED = "parked"  # waits for its model's training; released (-> pending) when the model is ready
     PENDING = "pending"  # accepted and recorded; submit task sent
     SUBMITTING = "submitting"  # a worker is making the paid POST
     SUBMITTED = "submitted"  # upstream accepted it; polling
@@ -72,6 +82,10 @@ class _Request(BaseModel):
         return self.model_dump(exclude_none=True, exclude={"kind"})
 
 
+ImageId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")]
+ImageUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,4000}$")]
+
+
 class ImageRequest(_Request):
     """``POST /images/generation``."""
 
@@ -87,15 +101,87 @@ class ImageRequest(_Request):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     negative_prompt: Annotated[str, StringConstraints(max_length=4000)] | None = None
     model_id: ModelId | None = None
-    """A trained model to generate with."""
+    """A trained model to generate with; a job naming a model still training waits for it."""
 
     @property
     def expected_outputs(self) -> int:
         return self.num_images
 
 
-JobRequest = ImageRequest
-"""Every request kind genqueue accepts (a union as kinds are added)."""
+class _FromImage(_Request):
+    image_id: ImageId | None = None
+    """An upstream image id (for example an output of an earlier job)."""
+    image_url: ImageUrl | None = None
+    """Or an http(s) URL of the image."""
+
+    def _one_source(self, required: bool) -> None:
+        given = (self.image_id is not None) + (self.image_url is not None)
+        if given > 1 or (required and given == 0):
+            raise ValueError("give exactly one of image_id or image_url")
+
+
+class UpscaleRequest(_FromImage):
+    """``POST /images/upscaling``."""
+
+    kind: Literal[JobKind.UPSCALE] = JobKind.UPSCALE
+    factor: Literal[2, 4] = 2
+    """How many times larger."""
+    model_id: ModelId | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> UpscaleRequest:
+        self._one_source(required=True)
+        return self
+
+    @property
+    def expected_outputs(self) -> int:
+        return 1
+
+
+class VideoRequest(_FromImage):
+    """``POST /videos/generation``: from a prompt, a source image, or both."""
+
+    kind: Literal[JobKind.VIDEO] = JobKind.VIDEO
+    prompt: Prompt | None = None
+    duration: float = Field(5.0, gt=0, le=60)
+    """Seconds of video."""
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    negative_prompt: Annotated[str, StringConstraints(max_length=4000)] | None = None
+    model_id: ModelId | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> VideoRequest:
+        self._one_source(required=False)
+        if self.prompt is None and self.image_id is None and self.image_url is None:
+            raise ValueError("give a prompt, a source image, or both")
+        return self
+
+    @property
+    def expected_outputs(self) -> int:
+        return 1
+
+
+class WorkflowRequest(_Request):
+    """Generate images, then upscale every one of them: one id to follow, each step its own job."""
+
+    kind: Literal[JobKind.WORKFLOW] = JobKind.WORKFLOW
+    generate: ImageRequest
+    upscale_factor: Literal[2, 4] = 2
+
+    @property
+    def expected_outputs(self) -> int:
+        return self.generate.num_images
+
+
+JobRequest = Annotated[ImageRequest | UpscaleRequest | VideoRequest, Field(discriminator="kind")]
+"""A request for one upstream job."""
+AnyRequest = Annotated[
+    ImageRequest | UpscaleRequest | VideoRequest | WorkflowRequest, Field(discriminator="kind")
+]
+"""Everything a producer can submit, as the by-name intake task accepts it (JSON with a ``kind``)."""
+REQUEST_ADAPTER: TypeAdapter[ImageRequest | UpscaleRequest | VideoRequest | WorkflowRequest] = TypeAdapter(
+    AnyRequest
+)
 
 
 # ---------------------------------------------------------------- upstream payloads
@@ -196,6 +282,11 @@ class JobRecord(BaseModel):
     deadline_at: float | None = None
     expected_outputs: int = 0
     remote_ids: list[str] = Field(default_factory=list)
+    parent_id: str | None = None
+    """The workflow this job is a step of."""
+    children: list[str] = Field(default_factory=list)
+    """A workflow's steps, in order."""
+    model_id: str | None = None
     outputs: list[OutputFile] = Field(default_factory=list)
     finished_at: float | None = None
 
@@ -204,9 +295,19 @@ class JobRecord(BaseModel):
         data: dict[str, Any] = dict(raw)
         data["request"] = json.loads(raw.get("request", "{}"))
         data["remote_ids"] = json.loads(raw.get("remote_ids") or "[]")
+        data["children"] = json.loads(raw.get("children") or "[]")
         outputs = [json.loads(v) for k, v in sorted(raw.items()) if k.startswith("out:")]
         data["outputs"] = sorted(outputs, key=lambda o: o["index"])
-        for key in ("next_poll_at", "deadline_at", "finished_at", "upstream_id", "upstream_status", "error"):
+        for key in (
+            "next_poll_at",
+            "deadline_at",
+            "finished_at",
+            "upstream_id",
+            "upstream_status",
+            "error",
+            "parent_id",
+            "model_id",
+        ):
             if data.get(key) == "":
                 data[key] = None
         return cls.model_validate(data)
@@ -214,3 +315,88 @@ class JobRecord(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.state.terminal
+
+
+# ---------------------------------------------------------------- model training
+
+
+class ModelState(StrEnum):
+    """A trained model's state in genqueue's ledger."""
+
+    UNTRAINED = "untrained"  # never trained through genqueue
+    REQUESTED = "requested"  # a train task is on its way
+    TRAINING = "training"  # the upstream accepted the train call; polled every few minutes
+    READY = "ready"  # generations naming it run
+    FAILED = "failed"  # the upstream reported a failure; see ``error``
+    TIMED_OUT = "timed_out"  # not ready within the deadline
+
+    @property
+    def in_progress(self) -> bool:
+        return self in (ModelState.REQUESTED, ModelState.TRAINING)
+
+
+UPSTREAM_MODEL_FAILED = frozenset({"failed", "error", "cancelled", "canceled"})
+
+
+class UpstreamModel(BaseModel):
+    """The ``result`` of ``GET /models/{id}``. Only ``ready`` and failure statuses end training; the
+    contract leaves the in-progress values open, so any other status counts as still training."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model_id: str | None = Field(None, alias="modelId")
+    status: str = Field(min_length=1, max_length=64)
+    error: str | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def failed(self) -> bool:
+        return self.status in UPSTREAM_MODEL_FAILED
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> UpstreamModel:
+        body = payload.get("result", payload) if isinstance(payload, dict) else payload
+        if not isinstance(body, dict):
+            raise ProtocolError(f"expected a JSON object, got {type(body).__name__}")
+        try:
+            return cls.model_validate(body)
+        except ValueError as exc:
+            raise ProtocolError(f"unexpected model payload: {_first_error(exc)}") from None
+
+
+class ModelRecord(BaseModel):
+    """A model as the ledger holds it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    state: ModelState
+    requested_at: float | None = None
+    started_at: float | None = None
+    ready_at: float | None = None
+    updated_at: float | None = None
+    deadline_at: float | None = None
+    checks: int = 0
+    train_calls: int = 0
+    poll_gen: int = 0
+    errors_in_row: int = 0
+    upstream_status: str | None = None
+    error: str | None = None
+    parked: int = 0
+    """Generations waiting for this model."""
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str], history: list[str], parked: int) -> ModelRecord:
+        data: dict[str, Any] = {k: (None if v == "" else v) for k, v in raw.items()}
+        data["history"] = [json.loads(h) for h in history]
+        data["parked"] = parked
+        return cls.model_validate(data)

@@ -7,6 +7,7 @@ that a batch submitted together does not poll in lockstep. Nothing is scheduled 
 
 from __future__ import annotations
 
+import math
 import random
 
 from config.settings import PollPolicy
@@ -23,7 +24,10 @@ def poll_delay(policy: PollPolicy, polls_done: int, rng: random.Random | None = 
     if polls_done == 0:
         base = policy.first_delay
     else:
-        base = min(policy.max_interval, policy.interval * policy.backoff ** (polls_done - 1))
+        base = min(
+            policy.max_interval,
+            policy.interval * policy.backoff ** min(polls_done - 1, _growth_steps(policy)),
+        )
     return _spread(base, policy.jitter, rng)
 
 
@@ -42,6 +46,13 @@ def error_delay(
 def clamp_to_deadline(delay: float, now: float, deadline_at: float) -> float:
     """Never wait past the deadline: the check at the deadline is the one that times the job out."""
     return max(0.0, min(delay, deadline_at - now))
+
+
+def _growth_steps(policy: PollPolicy) -> int:
+    """How many backoff steps reach ``max_interval`` (beyond that the power would only overflow)."""
+    if policy.backoff <= 1.0 or policy.max_interval <= policy.interval:
+        return 0
+    return math.ceil(math.log(policy.max_interval / policy.interval, policy.backoff))
 
 
 def _spread(base: float, jitter: float, rng: random.Random | None) -> float:

@@ -1,4 +1,4 @@
-"""What producer apps import: submit work, read its status, wait for it. Needs no worker code.
+"""What producer apps import: submit work, follow it, cancel it. Needs no worker code.
 
 >>> from genq.producer import Producer
 >>> producer = Producer()                      # settings from GENQ_* env vars / .env
@@ -6,27 +6,30 @@
 >>> record = job.wait(timeout=120)             # raises JobFailed / WaitTimeout
 >>> [f.path for f in record.outputs]
 
-Tasks are sent by name to their queues, so this module imports Celery but none of genqueue's tasks.
-Every request is validated before anything is written or sent; bad input raises ``InvalidRequest``.
+Tasks are sent by name to their queues, so this module imports Celery but none of genqueue's tasks,
+and it never needs the API key. Every request is validated before anything is written or sent: bad
+input raises :class:`~genq.errors.InvalidRequest` and leaves no trace in Redis or the queues.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery import Celery
-from pydantic import ValidationError
 
 from config.celeryconf import TASK_QUEUES, celery_config
 from config.settings import Settings, get_settings
+from genq import intake
 from genq.errors import GenqError, InvalidRequest, JobFailed, WaitTimeout
-from genq.models import ImageRequest, JobKind, JobRecord, JobRequest, JobState
+from genq.intake import AnyRequest
+from genq.model_store import ModelLedger
+from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
 from genq.services import redis_client
-from genq.store import Ledger
+from genq.store import JobEvent, Ledger
 
 
 class EnqueueError(GenqError):
@@ -55,6 +58,7 @@ class Producer:
         self.settings = settings or get_settings()
         self.redis: redis.Redis = redis_client(self.settings)
         self.ledger = Ledger(self.redis, job_ttl=self.settings.worker.job_ttl)
+        self.models = ModelLedger(self.redis)
         self.celery = Celery("genqueue-producer", set_as_current=False)
         self.celery.conf.update(celery_config(self.settings))
 
@@ -66,30 +70,65 @@ class Producer:
 
     def submit_image(self, prompt: str, *, idempotency_key: str | None = None, **options: Any) -> JobHandle:
         """Generate images. Options: ``num_images`` (1-8), ``width``/``height`` (64-2048, multiples of 8),
-        ``seed``, ``negative_prompt``, ``model_id``."""
-        return self.submit(_validated(ImageRequest, {"prompt": prompt, **options}), idempotency_key)
+        ``seed``, ``negative_prompt``, ``model_id`` (a job naming a model still training waits for it)."""
+        return self.submit({"kind": "image", "prompt": prompt, **options}, idempotency_key)
 
-    def submit(self, request: JobRequest, idempotency_key: str | None = None) -> JobHandle:
-        """Record a validated request in the ledger, then send it to the submit queue."""
-        if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
-            raise InvalidRequest("idempotency_key must be 1 to 200 characters")
-        job_id = uuid.uuid4().hex
+    def submit_upscale(
+        self,
+        *,
+        image_id: str | None = None,
+        image_url: str | None = None,
+        source_job: str | None = None,
+        index: int = 0,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> JobHandle:
+        """Upscale one image: an upstream ``image_id``, an ``image_url``, or output ``index`` of an earlier
+        genqueue job (``source_job``, which must have succeeded). Options: ``factor`` (2 or 4)."""
+        if source_job is not None:
+            image_id = self._output_id(source_job, index)
+        data = {"kind": "upscale", "image_id": image_id, "image_url": image_url, **options}
+        return self.submit({k: v for k, v in data.items() if v is not None}, idempotency_key)
+
+    def submit_video(
+        self, prompt: str | None = None, *, idempotency_key: str | None = None, **options: Any
+    ) -> JobHandle:
+        """Generate a video from a prompt and/or a source image (``image_id`` or ``image_url``).
+        Options: ``duration`` (seconds, up to 60), ``seed``, ``negative_prompt``, ``model_id``."""
+        data = {"kind": "video", **({"prompt": prompt} if prompt is not None else {}), **options}
+        return self.submit(data, idempotency_key)
+
+    def submit_workflow(
+        self,
+        prompt: str,
+        *,
+        upscale_factor: int = 2,
+        idempotency_key: str | None = None,
+        **image_options: Any,
+    ) -> JobHandle:
+        """Generate images, then upscale every one: one id to follow; each step is its own linked job."""
+        generate = {"prompt": prompt, **image_options}
+        return self.submit(
+            {"kind": "workflow", "generate": generate, "upscale_factor": upscale_factor}, idempotency_key
+        )
+
+    def submit(self, request: dict[str, Any] | AnyRequest, idempotency_key: str | None = None) -> JobHandle:
+        """Validate a request (a dict with ``kind``, or a request model), record it, then enqueue it."""
+        if idempotency_key is not None and not (
+            isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200
+        ):
+            raise InvalidRequest("invalid request: idempotency_key: must be a string of 1 to 200 characters")
+        if isinstance(request, dict):
+            request = intake.validate(request)
         try:
-            job_id, created = self.ledger.create(
-                job_id,
-                JobKind(request.kind),
-                request.upstream_body(),
-                expected_outputs=request.expected_outputs,
-                due_at=time.time(),
-                idempotency_key=idempotency_key,
-            )
+            accepted = intake.accept(self.ledger, request, idempotency_key=idempotency_key)
         except redis.RedisError as exc:
             raise EnqueueError(
                 f"job not accepted: the ledger is unreachable ({type(exc).__name__})"
             ) from None
-        if created:
+        for job_id in accepted.to_submit:
             self._send(job_id)
-        return JobHandle(job_id, created, self)
+        return JobHandle(accepted.id, accepted.created, self)
 
     def _send(self, job_id: str) -> None:
         try:
@@ -107,7 +146,37 @@ class Producer:
                 recorded = "it stays pending in the ledger"
             raise EnqueueError(f"job {job_id} not enqueued ({type(exc).__name__}); {recorded}") from None
 
-    # ------------------------------------------------------------------ read
+    def _output_id(self, job_id: str, index: int) -> str:
+        record = self.status(job_id)
+        if record.state is not JobState.SUCCEEDED:
+            raise InvalidRequest(
+                f"invalid request: source_job {job_id} is {record.state.value}, not succeeded"
+            )
+        if not 0 <= index < len(record.remote_ids):
+            raise InvalidRequest(f"invalid request: source_job {job_id} has no output {index}")
+        return record.remote_ids[index]
+
+    # ------------------------------------------------------------------ models
+
+    def train_model(self, model_id: str, *, force: bool = False) -> ModelRecord:
+        """Start training ``model_id`` unless it is already training (or ready, unless ``force``).
+        Any number of concurrent calls make one upstream train call and one poll chain."""
+        model_id = _model_id(model_id)
+        deadline_at = time.time() + self.settings.poll.model.deadline
+        if self.models.request(model_id, deadline_at=deadline_at, force=force):
+            self.celery.send_task("genq.train", args=[model_id], queue=TASK_QUEUES["genq.train"])
+        return self.model_status(model_id)
+
+    def model_status(self, model_id: str) -> ModelRecord:
+        record = self.models.get(_model_id(model_id))
+        if record is None:
+            raise GenqError(f"unknown model {model_id!r}: never trained through genqueue")
+        return record
+
+    def list_models(self, limit: int = 100) -> list[ModelRecord]:
+        return [m for m in (self.models.get(i, history=0) for i in self.models.list_ids(limit)) if m]
+
+    # ------------------------------------------------------------------ read and follow
 
     def status(self, job_id: str) -> JobRecord:
         """The job's record; raises ``GenqError`` for an unknown id."""
@@ -115,6 +184,18 @@ class Producer:
         if record is None:
             raise GenqError(f"unknown job {job_id!r}")
         return record
+
+    def list_jobs(
+        self,
+        *,
+        state: str | Iterable[str] | None = None,
+        kind: str | Iterable[str] | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """Recent jobs, newest first, optionally filtered by state(s) and kind(s)."""
+        states = {JobState(s) for s in _names(state, JobState)} if state else None
+        kinds = {JobKind(k) for k in _names(kind, JobKind)} if kind else None
+        return self.ledger.list_records(states=states, kinds=kinds, limit=limit)
 
     def wait(self, job_id: str, timeout: float | None = None, interval: float = 0.25) -> JobRecord:
         """Block this (producer) thread until the job ends; return it if it succeeded.
@@ -135,15 +216,53 @@ class Producer:
             time.sleep(delay)
             delay = min(interval, delay * 2)
 
+    def watch(
+        self, job_ids: Iterable[str] | None = None, *, timeout: float | None = None
+    ) -> Iterator[JobEvent]:
+        """Yield state changes from the event stream as they happen: of the given jobs (and their
+        workflow steps), or of every job. Ends when all given jobs are terminal, or after ``timeout``."""
+        watched = set(job_ids) if job_ids is not None else None
+        after = self.ledger.last_event_id()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        open_jobs = {j for j in watched or () if not self.status(j).terminal}
+        if watched is not None and not open_jobs:
+            return
+        while deadline is None or time.monotonic() < deadline:
+            for event in self.ledger.read_events(after, block_ms=500):
+                after = event.stream_id
+                if watched is None or event.job_id in watched or event.parent_id in watched:
+                    yield event
+                    if event.job_id in open_jobs and JobState(event.to_state).terminal:
+                        open_jobs.discard(event.job_id)
+            if watched is not None and not open_jobs:
+                return
 
-def _validated(model: type[ImageRequest], data: dict[str, Any]) -> ImageRequest:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
+    def cancel(self, job_id: str) -> bool:
+        """Stop a job: it ends ``cancelled`` and later poll deliveries do nothing. A workflow step cancels
+        its workflow. Returns False if the job had already ended."""
+        self.status(job_id)
+        return intake.cancel(self.ledger, job_id)
+
+
+def _names(value: str | Iterable[str], enum: type[JobState] | type[JobKind]) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value)
+    unknown = [n for n in names if n not in enum._value2member_map_]
+    if unknown:
+        raise InvalidRequest(
+            f"invalid request: unknown {enum.__name__} {unknown}; one of {list(enum._value2member_map_)}"
         )
-        raise InvalidRequest(f"invalid {model.__name__}: {problems}") from None
+    return names
+
+
+def _model_id(model_id: str) -> str:
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(ModelId).validate_python(model_id)
+    except ValidationError:
+        raise InvalidRequest(
+            f"invalid request: model_id {str(model_id)[:80]!r} is not a valid model id"
+        ) from None
 
 
 _default: Producer | None = None
@@ -161,9 +280,45 @@ def submit_image(prompt: str, *, idempotency_key: str | None = None, **options: 
     return default_producer().submit_image(prompt, idempotency_key=idempotency_key, **options)
 
 
+def submit_upscale(**options: Any) -> JobHandle:
+    return default_producer().submit_upscale(**options)
+
+
+def submit_video(prompt: str | None = None, **options: Any) -> JobHandle:
+    return default_producer().submit_video(prompt, **options)
+
+
+def submit_workflow(prompt: str, **options: Any) -> JobHandle:
+    return default_producer().submit_workflow(prompt, **options)
+
+
+def train_model(model_id: str, *, force: bool = False) -> ModelRecord:
+    return default_producer().train_model(model_id, force=force)
+
+
 def status(job_id: str) -> JobRecord:
     return default_producer().status(job_id)
 
 
 def wait(job_id: str, timeout: float | None = None) -> JobRecord:
     return default_producer().wait(job_id, timeout=timeout)
+
+
+def watch(job_ids: Iterable[str] | None = None, *, timeout: float | None = None) -> Iterator[JobEvent]:
+    return default_producer().watch(job_ids, timeout=timeout)
+
+
+def cancel(job_id: str) -> bool:
+    return default_producer().cancel(job_id)
+
+
+def list_jobs(**filters: Any) -> list[JobRecord]:
+    return default_producer().list_jobs(**filters)
+
+
+def model_status(model_id: str) -> ModelRecord:
+    return default_producer().model_status(model_id)
+
+
+def list_models(limit: int = 100) -> list[ModelRecord]:
+    return default_producer().list_models(limit)

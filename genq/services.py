@@ -12,7 +12,10 @@ import requests
 from config.settings import Settings
 from genq.api import UpstreamClient
 from genq.jobs import JobService
+from genq.model_store import ModelLedger
 from genq.store import Ledger
+from genq.training import TrainingService
+from genq.workflows import WorkflowService
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -33,6 +36,7 @@ class Services:
     ledger: Ledger
     api: UpstreamClient
     jobs: JobService
+    training: TrainingService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -46,8 +50,10 @@ class Services:
         )
         # A separate session for output files: the API key must never be sent to a file host.
         files = requests.Session()
-        jobs = JobService(settings, ledger, api, files, time.time, random.Random())
-        return cls(settings, client, ledger, api, jobs)
+        rng = random.Random()
+        jobs = JobService(settings, ledger, api, files, time.time, rng, WorkflowService(ledger))
+        training = TrainingService(settings, ModelLedger(client), api, jobs, time.time, rng)
+        return cls(settings, client, ledger, api, jobs, training)
 
     def close(self) -> None:
         self.api.session.close()

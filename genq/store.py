@@ -32,6 +32,7 @@ for s in string.gmatch(ARGV[2], '[^,]+') do if s == cur then allowed = true end 
 if not allowed then return {0, cur, 'state'} end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'poll_gen') ~= ARGV[5] then return {0, cur, 'stale'} end
 local kind = redis.call('HGET', KEYS[1], 'kind')
+local parent = redis.call('HGET', KEYS[1], 'parent_id') or ''
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[4])
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] == '-' then redis.call('ZREM', KEYS[3], ARGV[1])
@@ -44,26 +45,36 @@ if cur ~= ARGV[3] then
   redis.call('HINCRBY', KEYS[4], kind .. ':' .. cur, -1)
   redis.call('HINCRBY', KEYS[4], kind .. ':' .. ARGV[3], 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', '@MAXLEN@', '*', 'job', ARGV[1], 'kind', kind,
-             'from', cur, 'to', ARGV[3], 'at', ARGV[4])
+             'from', cur, 'to', ARGV[3], 'at', ARGV[4], 'parent', parent)
 end
 return {1, cur, 'ok'}
 """.replace("@MAXLEN@", str(keys.EVENTS_MAXLEN))
 
 _CREATE = """
--- KEYS: job, events, jobs, due, counts, idem ('' when none)
--- ARGV: id, kind, now, due, maxlen, idem_ttl, fields...
+-- KEYS: job, events, jobs, due, counts, idem ('' when none), model ('' when none), model's parked set
+-- ARGV: id, kind, now, due, maxlen, idem_ttl, parent, fields...
 if KEYS[6] ~= '' then
   local existing = redis.call('GET', KEYS[6])
-  if existing then return {0, existing} end
+  if existing then return {0, existing, ''} end
   redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6])
 end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local state = 'pending'
+if KEYS[7] ~= '' then
+  -- Checked in the same script that parks, so a model turning ready cannot strand a job.
+  local ms = redis.call('HGET', KEYS[7], 'state')
+  if ms == 'requested' or ms == 'training' then
+    state = 'parked'
+    redis.call('SADD', KEYS[8], ARGV[1])
+  end
+end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'state', state)
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':pending', 1)
+redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':' .. state, 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[1], 'kind', ARGV[2],
-           'from', '', 'to', 'pending', 'at', ARGV[3])
-return {1, ARGV[1]}
+           'from', '', 'to', state, 'at', ARGV[3], 'parent', ARGV[7])
+return {1, ARGV[1], state}
 """
 
 _RECORD_OUTPUT = """
@@ -78,6 +89,43 @@ return tonumber(redis.call('HGET', KEYS[1], 'expected_outputs')) - have
 """
 
 
+SCAN_CAP = 20_000
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One state transition from the event stream."""
+
+    stream_id: str
+    job_id: str
+    kind: str
+    from_state: str
+    to_state: str
+    at: float
+    parent_id: str | None
+
+    @classmethod
+    def from_stream(cls, stream_id: str, fields: dict[str, str]) -> JobEvent:
+        return cls(
+            stream_id,
+            fields.get("job", ""),
+            fields.get("kind", ""),
+            fields.get("from", ""),
+            fields.get("to", ""),
+            float(fields.get("at") or 0),
+            fields.get("parent") or None,
+        )
+
+
+@dataclass(frozen=True)
+class Created:
+    """The outcome of :meth:`Ledger.create`: ``state`` is None when an idempotency key matched."""
+
+    id: str
+    created: bool
+    state: JobState | None
+
+
 @dataclass(frozen=True)
 class Transition:
     """The outcome of a compare-and-set: ``ok`` and the state found before it."""
@@ -87,7 +135,7 @@ class Transition:
     reason: str  # 'ok', 'state' (not in an allowed state), 'stale' (poll generation moved), 'missing'
 
 
-def _field(value: Any) -> str:
+def to_field(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
@@ -121,34 +169,39 @@ class Ledger:
         expected_outputs: int,
         due_at: float,
         idempotency_key: str | None = None,
-    ) -> tuple[str, bool]:
-        """Record a new ``pending`` job. Returns ``(job_id, created)``; with an idempotency key that was
-        seen before, the earlier job's id and ``False``."""
+        model_id: str | None = None,
+        parent_id: str | None = None,
+    ) -> Created:
+        """Record a new job: ``pending``, or ``parked`` when ``model_id`` names a model still training.
+        With an idempotency key seen before, nothing is written and the earlier job's id comes back."""
         now = self.clock()
         fields = {
             "id": job_id,
             "kind": kind.value,
-            "state": JobState.PENDING.value,
             "request": dict(request),
             "created_at": now,
             "updated_at": now,
             "expected_outputs": expected_outputs,
             "poll_gen": 0,
+            "model_id": model_id,
+            "parent_id": parent_id,
         }
         idem_key = keys.idempotency(idempotency_key) if idempotency_key else ""
-        args: list[Any] = [job_id, kind.value, now, due_at, keys.EVENTS_MAXLEN, self.job_ttl]
+        model_keys = [keys.model(model_id), keys.model_parked(model_id)] if model_id else ["", ""]
+        args: list[Any] = [job_id, kind.value, now, due_at, keys.EVENTS_MAXLEN, self.job_ttl, parent_id or ""]
         for name, value in fields.items():
-            args += [name, _field(value)]
-        created, found = self._create(
-            keys=[keys.job(job_id), keys.EVENTS, keys.JOBS, keys.DUE, keys.COUNTS, idem_key], args=args
+            args += [name, to_field(value)]
+        created, found, state = self._create(
+            keys=[keys.job(job_id), keys.EVENTS, keys.JOBS, keys.DUE, keys.COUNTS, idem_key, *model_keys],
+            args=args,
         )
-        return _text(found), bool(created)
+        return Created(as_text(found), bool(created), JobState(as_text(state)) if created else None)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(keys.job(job_id))
         if not raw:
             return None
-        return JobRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
+        return JobRecord.from_hash({as_text(k): as_text(v) for k, v in raw.items()})
 
     def transition(
         self,
@@ -177,12 +230,12 @@ class Ledger:
             self.job_ttl if to.terminal else "",
         ]
         for name, value in fields.items():
-            args += [name, _field(value)]
+            args += [name, to_field(value)]
         ok, prev, reason = self._transition(
             keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS], args=args
         )
-        prev_text = _text(prev)
-        return Transition(bool(ok), JobState(prev_text) if prev_text else None, _text(reason))
+        prev_text = as_text(prev)
+        return Transition(bool(ok), JobState(prev_text) if prev_text else None, as_text(reason))
 
     def record_output(self, job_id: str, output: OutputFile) -> int:
         """Store one downloaded output; returns how many are still missing (-1: job not downloading)."""
@@ -194,7 +247,7 @@ class Ledger:
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Write fields without a state change; only for facts that must not be lost (an upstream id)."""
-        self.redis.hset(keys.job(job_id), mapping={k: _field(v) for k, v in fields.items()})
+        self.redis.hset(keys.job(job_id), mapping={k: to_field(v) for k, v in fields.items()})
 
     def set_urls(self, job_id: str, urls: Mapping[int, str]) -> None:
         if urls:
@@ -203,25 +256,61 @@ class Ledger:
 
     def get_url(self, job_id: str, index: int) -> str | None:
         value = self.redis.hget(keys.job_urls(job_id), str(index))
-        return None if value is None else _text(value)
+        return None if value is None else as_text(value)
 
     def drop_urls(self, job_id: str) -> None:
         self.redis.delete(keys.job_urls(job_id))
 
     def counts(self) -> dict[str, int]:
         """``<kind>:<state>`` -> number of jobs, for every pair that ever had one."""
-        return {_text(k): int(v) for k, v in self.redis.hgetall(keys.COUNTS).items()}
+        return {as_text(k): int(v) for k, v in self.redis.hgetall(keys.COUNTS).items()}
 
     def list_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """Job ids, newest first."""
-        return [_text(i) for i in self.redis.zrevrange(keys.JOBS, offset, offset + limit - 1)]
+        return [as_text(i) for i in self.redis.zrevrange(keys.JOBS, offset, offset + limit - 1)]
+
+    def list_records(
+        self, *, states: set[JobState] | None = None, kinds: set[JobKind] | None = None, limit: int = 50
+    ) -> list[JobRecord]:
+        """Newest first, filtered; scans at most ``SCAN_CAP`` recent jobs."""
+        found: list[JobRecord] = []
+        for offset in range(0, SCAN_CAP, 500):
+            ids = self.list_ids(500, offset)
+            if not ids:
+                break
+            pipe = self.redis.pipeline()
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            for raw in pipe.execute():
+                if not raw:
+                    continue  # expired
+                record = JobRecord.from_hash({as_text(k): as_text(v) for k, v in raw.items()})
+                if (states is None or record.state in states) and (kinds is None or record.kind in kinds):
+                    found.append(record)
+                    if len(found) >= limit:
+                        return found
+        return found
+
+    def read_events(self, after: str, block_ms: int, count: int = 500) -> list[JobEvent]:
+        """Transitions after stream id ``after`` (``"$"``: only new ones), waiting up to ``block_ms``."""
+        answer: Any = self.redis.xread({keys.EVENTS: after}, block=block_ms, count=count)
+        events = []
+        for _stream, entries in answer or []:
+            for entry_id, data in entries:
+                fields = {as_text(k): as_text(v) for k, v in data.items()}
+                events.append(JobEvent.from_stream(as_text(entry_id), fields))
+        return events
+
+    def last_event_id(self) -> str:
+        last = self.redis.xrevrange(keys.EVENTS, count=1)
+        return as_text(last[0][0]) if last else "0-0"
 
     def overdue(self, before: float, limit: int = 1000) -> list[str]:
         """Unfinished jobs whose next step was due before ``before``."""
-        return [_text(i) for i in self.redis.zrangebyscore(keys.DUE, "-inf", before, start=0, num=limit)]
+        return [as_text(i) for i in self.redis.zrangebyscore(keys.DUE, "-inf", before, start=0, num=limit)]
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode()
     return "" if value is None else str(value)

@@ -1,12 +1,21 @@
-"""The job pipeline tasks: submit -> poll (re-enqueued with countdowns) -> downloads -> finalize."""
+"""The job pipeline tasks: submit -> poll (re-enqueued with countdowns) -> downloads -> finalize,
+the by-name intake for producers in other languages, and model training."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
-from genq.actions import Action, Download, Finalize, PollLater, SubmitLater
+from genq import intake as intake_service
+from genq.actions import Action, Download, Finalize, PollLater, PollModelLater, SubmitLater, TrainLater
 from workers.celery_app import app
 from workers.runtime import services
+
+
+@app.task(name="genq.intake")
+def intake(request: dict[str, Any], request_id: str) -> None:
+    ready = intake_service.intake(services().ledger, request, request_id)
+    dispatch(SubmitLater(job_id, 0.0) for job_id in ready)
 
 
 @app.task(name="genq.submit")
@@ -29,15 +38,29 @@ def finalize(job_id: str) -> None:
     dispatch(services().jobs.finalize(job_id))
 
 
+@app.task(name="genq.train")
+def train(model_id: str) -> None:
+    dispatch(services().training.train(model_id))
+
+
+@app.task(name="genq.poll_model")
+def poll_model(model_id: str, gen: int) -> None:
+    dispatch(services().training.poll(model_id, gen))
+
+
 def dispatch(actions: Iterable[Action]) -> None:
     """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
     for action in actions:
         match action:
             case SubmitLater(job_id, delay):
-                submit.apply_async((job_id,), countdown=delay)
+                submit.apply_async((job_id,), countdown=delay or None)
             case PollLater(job_id, gen, delay):
                 poll.apply_async((job_id, gen), countdown=delay)
             case Download(job_id, index, attempt, delay):
                 download.apply_async((job_id, index, attempt), countdown=delay or None)
             case Finalize(job_id):
                 finalize.apply_async((job_id,))
+            case TrainLater(model_id, delay):
+                train.apply_async((model_id,), countdown=delay)
+            case PollModelLater(model_id, gen, delay):
+                poll_model.apply_async((model_id, gen), countdown=delay)

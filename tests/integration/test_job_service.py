@@ -19,6 +19,7 @@ from genq.jobs import JobService
 from genq.models import JobKind, JobState
 from genq.services import redis_client
 from genq.store import Ledger
+from genq.workflows import WorkflowService
 from tests.conftest import environment
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,7 @@ def clock() -> Clock:
 def service(settings: Settings, clock: Clock) -> Iterator[JobService]:
     ledger = Ledger(redis_client(settings), clock=clock)
     api = UpstreamClient(API, settings.api.key)
-    yield JobService(settings, ledger, api, requests.Session(), clock, random.Random(1))
+    yield JobService(settings, ledger, api, requests.Session(), clock, random.Random(1), WorkflowService(ledger))
 
 
 @pytest.fixture

@@ -19,9 +19,10 @@ def ledger(redis_server: EmbeddedRedis) -> Ledger:
 
 
 def _create(ledger: Ledger, job_id: str = "j1", key: str | None = None) -> tuple[str, bool]:
-    return ledger.create(
+    created = ledger.create(
         job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=2, due_at=100.0, idempotency_key=key
     )
+    return created.id, created.created
 
 
 def test_create_writes_a_pending_record_an_event_and_a_due_entry(ledger: Ledger) -> None:

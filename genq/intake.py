@@ -1,0 +1,147 @@
+"""Accepting requests into the ledger: shared by the Python producer, the by-name intake task and
+workflows, so every way in validates and records a job the same way."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from genq.errors import InvalidRequest
+from genq.models import (
+    REQUEST_ADAPTER,
+    ImageRequest,
+    JobKind,
+    JobState,
+    UpscaleRequest,
+    VideoRequest,
+    WorkflowRequest,
+)
+from genq.store import Ledger
+
+AnyRequest = ImageRequest | UpscaleRequest | VideoRequest | WorkflowRequest
+_NAMESPACE = uuid.UUID("6f1c9a52-3b7e-4d0a-9c55-2f8e4b1d7a10")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A recorded request: its id, whether it is new, and the jobs ready to be submitted now."""
+
+    id: str
+    created: bool
+    state: JobState | None
+    to_submit: list[str] = field(default_factory=list)
+
+
+def validate(data: Mapping[str, Any]) -> AnyRequest:
+    """Parse a JSON request (with its ``kind``); raise :class:`InvalidRequest` naming each problem."""
+    try:
+        return REQUEST_ADAPTER.validate_python(dict(data))
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One readable line per problem: ``field: message``."""
+    problems = []
+    for err in exc.errors():
+        # Drop the discriminator tag ("image", "upscale"...) pydantic puts first in union paths.
+        loc = [str(p) for p in err["loc"] if str(p) not in JobKind._value2member_map_]
+        problems.append(f"{'.'.join(loc) or 'request'}: {err['msg']}")
+    return "invalid request: " + "; ".join(problems)
+
+
+def job_id_for(request_id: str) -> str:
+    """The job id of a by-name intake request: derived from its request id, so the sender knows it."""
+    return uuid.uuid5(_NAMESPACE, request_id).hex
+
+
+def accept(
+    ledger: Ledger,
+    request: AnyRequest,
+    *,
+    job_id: str | None = None,
+    idempotency_key: str | None = None,
+    parent_id: str | None = None,
+) -> Accepted:
+    """Write the job (or workflow and its first step) to the ledger. Sends nothing."""
+    job_id = job_id or uuid.uuid4().hex
+    if isinstance(request, WorkflowRequest):
+        return _accept_workflow(ledger, request, job_id, idempotency_key)
+    created = ledger.create(
+        job_id,
+        JobKind(request.kind),
+        request.upstream_body(),
+        expected_outputs=request.expected_outputs,
+        due_at=time.time(),
+        idempotency_key=idempotency_key,
+        model_id=request.model_id,
+        parent_id=parent_id,
+    )
+    ready = [created.id] if created.state is JobState.PENDING else []
+    return Accepted(created.id, created.created, created.state, ready)
+
+
+def _accept_workflow(
+    ledger: Ledger, request: WorkflowRequest, job_id: str, idempotency_key: str | None
+) -> Accepted:
+    created = ledger.create(
+        job_id,
+        JobKind.WORKFLOW,
+        request.model_dump(mode="json", exclude_none=True),
+        expected_outputs=request.expected_outputs,
+        due_at=time.time(),
+        idempotency_key=idempotency_key,
+    )
+    if not created.created:
+        return Accepted(created.id, False, None)
+    # The first step is keyed on the workflow id, so a retried accept never makes two.
+    step = accept(ledger, request.generate, idempotency_key=f"{job_id}:generate", parent_id=job_id)
+    ledger.transition(job_id, [JobState.PENDING], JobState.RUNNING, children=[step.id])
+    return Accepted(job_id, True, JobState.RUNNING, step.to_submit)
+
+
+def intake(ledger: Ledger, payload: Any, request_id: str) -> list[str]:
+    """The by-name intake task's step, for producers in other languages: validate, record, and return
+    the jobs to submit. The job id is :func:`job_id_for` the request id, so a resent request is one
+    job, and a request that fails validation is recorded ``failed`` with the reason, never dropped."""
+    job_id = job_id_for(str(request_id))
+    try:
+        if not isinstance(payload, dict):
+            raise InvalidRequest("invalid request: expected a JSON object")
+        request = validate(payload)
+    except InvalidRequest as exc:
+        kind = str(payload.get("kind")) if isinstance(payload, dict) else ""
+        created = ledger.create(
+            job_id,
+            JobKind(kind) if kind in JobKind._value2member_map_ else JobKind.IMAGE,
+            {"rejected": True},
+            expected_outputs=0,
+            due_at=time.time(),
+            idempotency_key=f"intake:{request_id}",
+        )
+        if created.created:
+            ledger.transition(job_id, [JobState.PENDING], JobState.FAILED, error=str(exc))
+        return []
+    return accept(ledger, request, job_id=job_id, idempotency_key=f"intake:{request_id}").to_submit
+
+
+def cancel(ledger: Ledger, job_id: str) -> bool:
+    """Cancel a job; a step cancels its whole workflow. Later deliveries for it do nothing (every task
+    checks the state first). Returns False when it had already ended."""
+    rec = ledger.get(job_id)
+    if rec is None:
+        return False
+    if rec.parent_id:
+        return cancel(ledger, rec.parent_id)
+    live = [s for s in JobState if not s.terminal]
+    moved = ledger.transition(job_id, live, JobState.CANCELLED, error="cancelled by request")
+    for child in rec.children:
+        ledger.transition(child, live, JobState.CANCELLED, error=f"workflow {job_id} cancelled")
+    if moved.ok:
+        ledger.drop_urls(job_id)
+    return moved.ok

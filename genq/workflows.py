@@ -1,0 +1,71 @@
+"""Workflows: generate images, then upscale every output. The workflow is a ledger record of its own
+(kind ``workflow``) whose steps are ordinary jobs linked to it by ``parent_id``; it ends when they do."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from genq.actions import Action, SubmitLater
+from genq.intake import accept
+from genq.models import JobKind, JobRecord, JobState, UpscaleRequest, WorkflowRequest
+from genq.store import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkflowService:
+    ledger: Ledger
+
+    def step_ended(self, step: JobRecord) -> list[Action]:
+        """Called once a step reaches a terminal state: start the next steps, or end the workflow."""
+        if step.parent_id is None:
+            return []
+        parent = self.ledger.get(step.parent_id)
+        if parent is None or parent.terminal or parent.kind is not JobKind.WORKFLOW:
+            return []
+        actions: list[Action] = []
+        if step.kind is JobKind.IMAGE and step.state is JobState.SUCCEEDED:
+            actions = self._start_upscales(parent, step)
+            parent = self.ledger.get(parent.id) or parent
+        self._maybe_finish(parent)
+        return actions
+
+    def _start_upscales(self, parent: JobRecord, generated: JobRecord) -> list[Action]:
+        request = WorkflowRequest.model_validate(parent.request)
+        steps: list[str] = [generated.id]
+        actions: list[Action] = []
+        for index, image_id in enumerate(generated.remote_ids):
+            upscale = UpscaleRequest(image_id=image_id, factor=request.upscale_factor)
+            # Keyed per output, so a duplicate finalize of the generate step starts nothing twice.
+            made = accept(
+                self.ledger, upscale, idempotency_key=f"{parent.id}:upscale:{index}", parent_id=parent.id
+            )
+            steps.append(made.id)
+            actions += [SubmitLater(job_id, 0.0) for job_id in made.to_submit if made.created]
+        self.ledger.set_fields(parent.id, children=steps)
+        return actions
+
+    def _maybe_finish(self, parent: JobRecord) -> None:
+        steps = [self.ledger.get(job_id) for job_id in parent.children]
+        for step in steps:
+            if step is not None and step.terminal and step.state is not JobState.SUCCEEDED:
+                reason = f"step {step.kind.value} {step.id} ended {step.state.value}: {step.error}"
+                self.ledger.transition(parent.id, [JobState.RUNNING], JobState.FAILED, error=reason)
+                return
+        generated = steps[0] if steps else None
+        if generated is None or generated.state is not JobState.SUCCEEDED:
+            return
+        if len(steps) < 1 + len(generated.remote_ids) or not all(
+            s and s.state is JobState.SUCCEEDED for s in steps
+        ):
+            return
+        outputs = [out for s in steps[1:] if s for out in s.outputs]
+        fields = {
+            f"out:{i:04d}": out.model_copy(update={"index": i}).model_dump_json()
+            for i, out in enumerate(outputs)
+        }
+        self.ledger.set_fields(parent.id, **fields)
+        if self.ledger.transition(parent.id, [JobState.RUNNING], JobState.SUCCEEDED, error=None).ok:
+            log.info("workflow %s succeeded with %d upscaled files", parent.id, len(outputs))

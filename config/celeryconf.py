@@ -22,6 +22,7 @@ TASK_QUEUES: dict[str, str] = {
     "genq.intake": SUBMIT,
     "genq.train": TRAINING,
     "genq.poll_model": TRAINING,
+    "genq.sweep": POLL,
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""
 
@@ -61,6 +62,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "genq.submit": {"time_limit": api_call + 10, "soft_time_limit": api_call},
             "genq.poll": {"time_limit": api_call + 10, "soft_time_limit": api_call},
             "genq.finalize": {"time_limit": 60, "soft_time_limit": 50},
+            "genq.sweep": {"time_limit": 120, "soft_time_limit": 110},
         },
         "task_queues": [Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         "task_default_queue": POLL,
@@ -70,4 +72,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
         "broker_connection_max_retries": None,
+        # The sweeper: run by `celery -A workers beat`. A sweep message older than two periods is
+        # dropped, since a newer one is already on its way.
+        "beat_schedule": {
+            "genq-sweep": {
+                "task": "genq.sweep",
+                "schedule": worker.sweep_interval,
+                "options": {"queue": POLL, "expires": worker.sweep_interval * 2},
+            }
+        },
+        "beat_max_loop_interval": min(5.0, worker.sweep_interval),
     }

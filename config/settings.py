@@ -10,6 +10,8 @@ Settings are built by :func:`get_settings` (a factory) and never mutated after t
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -106,15 +108,13 @@ class PollSettings(_Group):
         first_delay=300, interval=300, backoff=1.0, max_interval=300, jitter=0.05, deadline=7200
     )
     """Model training: usually 20-25 minutes, so checked about every 5 minutes."""
+    countdown_max: float = Field(60.0, gt=0)
+    """Waits up to this long are countdown messages; longer ones are held in Redis by due time and
+    dispatched by the sweeper, so they cost no worker memory and no visibility-timeout risk."""
     error_backoff: float = Field(2.0, gt=0)
     """First wait after a transient upstream error; doubles per consecutive error."""
     max_errors: int = Field(8, ge=1)
     """Consecutive transient errors on one job before it ends ``failed``."""
-
-    def longest_wait(self) -> float:
-        policies = (self.image, self.upscale, self.video, self.model)
-        # Jitter can stretch any wait by its fraction.
-        return max(max(p.max_interval, p.first_delay) * (1 + p.jitter) for p in policies)
 
 
 class DownloadSettings(_Group):
@@ -134,6 +134,21 @@ class DownloadSettings(_Group):
     """Tries per file on transient errors before the job ends ``failed``."""
 
 
+class LimitSettings(_Group):
+    """Limits on calls to the upstream API, shared by every worker through Redis. 0 means no limit."""
+
+    rate: float = Field(0.0, ge=0)
+    """Requests per second over all endpoints."""
+    trigger_rate: float = Field(0.0, ge=0)
+    """Requests per second to the paid triggers (POST /images/..., /videos/...)."""
+    status_rate: float = Field(0.0, ge=0)
+    """Requests per second to GET /jobs/{id}."""
+    models_rate: float = Field(0.0, ge=0)
+    """Requests per second to /models/..."""
+    max_concurrent: int = Field(0, ge=0)
+    """Upstream requests in flight at once."""
+
+
 class WorkerSettings(_Group):
     """Celery worker behaviour."""
 
@@ -148,6 +163,13 @@ class WorkerSettings(_Group):
     """Seconds a worker keeps running tasks after SIGTERM before requeueing the rest."""
     job_ttl: int = Field(7 * 86400, gt=0)
     """Seconds a finished job's record is kept."""
+    sweep_interval: float = Field(2.0, gt=0)
+    """Seconds between sweeps (beat): the sweeper dispatches held waits and re-drives stalled jobs."""
+    sweep_grace: float = Field(30.0, gt=0)
+    """Seconds past its due time before a job whose message never came is re-driven."""
+    max_deliveries: int = Field(5, ge=1)
+    """Deliveries of one task message before it counts as poison (it keeps killing its worker) and
+    its job ends failed."""
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:
@@ -174,16 +196,18 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     poll: PollSettings = PollSettings()
     download: DownloadSettings = DownloadSettings()
+    limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
 
     @model_validator(mode="after")
     def _visibility_covers_waits(self) -> Settings:
-        needed = self.poll.longest_wait() + self.worker.task_time_limit
+        # No countdown is longer than poll.countdown_max (longer waits are held in Redis instead).
+        needed = self.poll.countdown_max + self.worker.task_time_limit
         if self.worker.visibility_timeout <= needed:
             raise ValueError(
-                f"GENQ_WORKER_VISIBILITY_TIMEOUT ({self.worker.visibility_timeout}s) must exceed the longest "
-                f"poll wait in GENQ_POLL_* plus GENQ_WORKER_TASK_TIME_LIMIT ({needed:.0f}s), or held polls "
-                "would be delivered twice"
+                f"GENQ_WORKER_VISIBILITY_TIMEOUT ({self.worker.visibility_timeout}s) must exceed "
+                f"GENQ_POLL_COUNTDOWN_MAX plus GENQ_WORKER_TASK_TIME_LIMIT ({needed:.0f}s), or countdown "
+                "messages would be delivered twice"
             )
         return self
 
@@ -211,10 +235,19 @@ def load_settings(**overrides: Any) -> Settings:
         raise SettingsError("invalid genqueue settings:\n" + "\n".join(lines)) from None
     except PydanticSettingsError as exc:
         # Raised before validation when a JSON-valued variable (a GENQ_POLL_* policy) does not parse.
-        field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
-        raise SettingsError(
-            f"invalid genqueue settings:\n  {ENV_PREFIX}{field.upper()}_*: not valid JSON ({exc})"
-        ) from None
+        bad = [name for name, value in os.environ.items() if name.startswith(ENV_PREFIX) and _bad_json(value)]
+        names = ", ".join(bad) or "a GENQ_* variable holding JSON"
+        raise SettingsError(f"invalid genqueue settings:\n  {names}: not valid JSON ({exc})") from None
+
+
+def _bad_json(value: str) -> bool:
+    if not value.lstrip().startswith(("{", "[")):
+        return False
+    try:
+        json.loads(value)
+    except ValueError:
+        return True
+    return False
 
 
 @lru_cache(maxsize=1)

@@ -7,6 +7,7 @@ which re-enqueues with a countdown instead of sleeping.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +15,15 @@ from urllib.parse import quote
 import requests
 from pydantic import SecretStr
 
-from genq.errors import GenqError, ProtocolError, RateLimited, UpstreamRejected, UpstreamUnavailable
+from genq.errors import (
+    GenqError,
+    ProtocolError,
+    RateLimited,
+    Throttled,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from genq.limits import UpstreamLimiter
 from genq.models import JobKind, UpstreamJob, UpstreamModel
 
 TRIGGER_PATHS: dict[JobKind, str] = {
@@ -24,7 +33,10 @@ TRIGGER_PATHS: dict[JobKind, str] = {
 }
 
 _MAX_DETAIL = 200
+_DELTA_SECONDS = re.compile(r"(?=\.?[0-9])[0-9]{0,10}(\.[0-9]{0,6})?")
 MAX_RETRY_AFTER = 3600.0
+DEFAULT_429_WAIT = 1.0
+"""Seconds every worker waits after a 429 that named no Retry-After."""
 """Longest wait a Retry-After header can impose, in seconds."""
 
 
@@ -33,7 +45,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.replace(".", "", 1).isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         # Delta-seconds; capped so a hostile or broken header cannot park work for ever.
         return min(float(value), MAX_RETRY_AFTER)
     try:
@@ -54,6 +66,7 @@ class UpstreamClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         session: requests.Session | None = None,
+        limiter: UpstreamLimiter | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
@@ -61,32 +74,38 @@ class UpstreamClient:
         self._secret = api_key.get_secret_value()
         self.session.headers["Authorization"] = f"Bearer {self._secret}"
         self.session.headers["Accept"] = "application/json"
+        self.limiter = limiter if limiter is not None and limiter.active else None
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
 
     def trigger(self, kind: JobKind, body: dict[str, Any]) -> UpstreamJob:
         """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all)."""
-        return UpstreamJob.from_payload(self._request("POST", TRIGGER_PATHS[kind], json=body))
+        return UpstreamJob.from_payload(self._request("POST", TRIGGER_PATHS[kind], "trigger", json=body))
 
     def get_job(self, upstream_id: str) -> UpstreamJob:
         """One status check of an upstream job."""
-        job = UpstreamJob.from_payload(self._request("GET", f"/jobs/{_segment(upstream_id)}"))
+        job = UpstreamJob.from_payload(self._request("GET", f"/jobs/{_segment(upstream_id)}", "status"))
         if job.job_id != upstream_id:
             raise ProtocolError(f"asked for job {upstream_id!r}, got {job.job_id[:64]!r}")
         return job
 
     def train_model(self, model_id: str) -> str:
         """Start training; the upstream answers a success string, not a job id."""
-        answer = self._request("GET", f"/models/{_segment(model_id)}/train", text_ok=True)
+        answer = self._request("GET", f"/models/{_segment(model_id)}/train", "models", text_ok=True)
         return answer if isinstance(answer, str) else str(answer)[:_MAX_DETAIL]
 
     def get_model(self, model_id: str) -> UpstreamModel:
         """One readiness check of a model."""
-        return UpstreamModel.from_payload(self._request("GET", f"/models/{_segment(model_id)}"))
+        return UpstreamModel.from_payload(self._request("GET", f"/models/{_segment(model_id)}", "models"))
 
-    def _request(self, method: str, path: str, json: Any = None, text_ok: bool = False) -> Any:
+    def _request(self, method: str, path: str, family: str, json: Any = None, text_ok: bool = False) -> Any:
         what = f"{method} {path}"
+        permit = None
+        if self.limiter is not None:
+            permit, wait = self.limiter.acquire(family)
+            if permit is None:
+                raise Throttled(f"{what}: held back by the shared rate limit", retry_after=wait)
         try:
             response = self.session.request(method, self.base_url + path, json=json, timeout=self.timeout)
         except requests.ConnectTimeout:
@@ -98,8 +117,15 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"{what}: connection failed", ambiguous=_was_sent(exc)) from None
         except requests.RequestException as exc:
             raise UpstreamUnavailable(f"{what}: {type(exc).__name__}", ambiguous=True) from None
+        finally:
+            if permit is not None and self.limiter is not None:
+                self.limiter.release(permit)
         try:
             return _decode(what, response, text_ok)
+        except RateLimited as exc:
+            if self.limiter is not None:
+                self.limiter.block(exc.retry_after if exc.retry_after is not None else DEFAULT_429_WAIT)
+            raise
         except GenqError as exc:
             # An upstream may echo the token back in an error body; it must not reach logs or Redis.
             secret = self._secret

@@ -127,11 +127,12 @@ def _fetch_into(
     with response:
         resumed = bool(have) and response.status_code == 206 and _range_start(response) == have
         if not resumed:
-            if response.status_code == 206:
-                raise UpstreamUnavailable(f"download {shown}: unexpected partial content; starting over")
             out.seek(0)
             out.truncate()
             have = 0
+            if response.status_code == 206:
+                # A range we did not ask for: drop what we had, so the next try starts from zero.
+                raise UpstreamUnavailable(f"download {shown}: unexpected partial content; starting over")
         _check_response(response, shown, media, partial_ok=resumed)
         digest = hashlib.sha256()
         if have:

@@ -6,7 +6,8 @@
     ├── InvalidRequest          bad producer input; nothing was written or sent
     ├── TransientError          try again later (``retry_after`` seconds, when known)
     │   ├── UpstreamUnavailable     5xx, connection reset, timeout
-    │   └── RateLimited             429 with its Retry-After
+    │   ├── RateLimited             429 with its Retry-After
+    │   └── Throttled               our own shared rate limit said wait; nothing was sent
     ├── PermanentError          retrying cannot help
     │   ├── UpstreamRejected        401, 403, 404, other 4xx
     │   ├── ProtocolError           malformed JSON, missing fields, unknown status
@@ -56,6 +57,10 @@ class UpstreamUnavailable(TransientError):
 
 class RateLimited(TransientError):
     """The upstream answered 429; wait ``retry_after`` seconds."""
+
+
+class Throttled(TransientError):
+    """genqueue's shared rate limit or concurrency cap refused the call before anything was sent."""
 
 
 class PermanentError(GenqError):

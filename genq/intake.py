@@ -3,7 +3,6 @@ workflows, so every way in validates and records a job the same way."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,7 +76,6 @@ def accept(
         JobKind(request.kind),
         request.upstream_body(),
         expected_outputs=request.expected_outputs,
-        due_at=time.time(),
         idempotency_key=idempotency_key,
         model_id=request.model_id,
         parent_id=parent_id,
@@ -94,7 +92,6 @@ def _accept_workflow(
         JobKind.WORKFLOW,
         request.model_dump(mode="json", exclude_none=True),
         expected_outputs=request.expected_outputs,
-        due_at=time.time(),
         idempotency_key=idempotency_key,
     )
     if not created.created:
@@ -121,7 +118,6 @@ def intake(ledger: Ledger, payload: Any, request_id: str) -> list[str]:
             JobKind(kind) if kind in JobKind._value2member_map_ else JobKind.IMAGE,
             {"rejected": True},
             expected_outputs=0,
-            due_at=time.time(),
             idempotency_key=f"intake:{request_id}",
         )
         if created.created:

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -19,10 +20,10 @@ from config.settings import PollPolicy, Settings
 from genq import downloads
 from genq.actions import Action, Download, Finalize, PollLater, SubmitLater
 from genq.api import UpstreamClient
-from genq.errors import PermanentError, ProtocolError, TransientError, UpstreamUnavailable
+from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
-from genq.store import Ledger
+from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class JobService:
             return []
         try:
             upstream = self.api.trigger(rec.kind, rec.request)
+        except Throttled as exc:
+            return self._submit_retry(rec, exc, counted=False)
         except UpstreamUnavailable as exc:
             if exc.ambiguous:
                 return self._end(
@@ -81,42 +84,51 @@ class JobService:
         policy = self.policy(rec.kind)
         deadline_at = now + policy.deadline
         delay = clamp_to_deadline(poll_delay(policy, 0, self.rng), now, deadline_at)
-        moved = self.ledger.transition(
-            rec.id,
+        actions = self._schedule_poll(
+            rec,
             [JobState.SUBMITTING],
             JobState.SUBMITTED,
+            delay,
+            new_gen=1,
+            expect_gen=None,
             upstream_id=upstream.job_id,
             upstream_status=upstream.status.value,
             deadline_at=deadline_at,
-            next_poll_at=now + delay,
-            poll_gen=1,
             error=None,
-            due_at=now + delay,
         )
-        if not moved.ok:
+        if actions is None:
             # Only an operator can move a job out of submitting meanwhile; keep the id for them.
-            log.error(
-                "job %s moved to %s during submit; upstream id %s", rec.id, moved.previous, upstream.job_id
-            )
+            log.error("job %s left submitting during the POST; upstream id %s kept", rec.id, upstream.job_id)
             self.ledger.set_fields(rec.id, upstream_id=upstream.job_id)
             return []
         log.info("job %s submitted as upstream %s; first poll in %.1fs", rec.id, upstream.job_id, delay)
-        return [PollLater(rec.id, 1, delay)]
+        return actions
 
-    def _submit_retry(self, rec: JobRecord, exc: TransientError) -> list[Action]:
-        attempts = rec.submit_attempts + 1
+    def _submit_retry(self, rec: JobRecord, exc: TransientError, counted: bool = True) -> list[Action]:
+        """Back to pending for a later try. A throttled try (nothing was sent) is not counted."""
+        attempts = rec.submit_attempts + 1 if counted else rec.submit_attempts
         if attempts >= MAX_SUBMIT_ATTEMPTS:
             return self._end(
                 rec, JobState.FAILED, [JobState.SUBMITTING], f"submit failed {attempts} times: {exc}"
             )
-        delay = error_delay(self.settings.poll.error_backoff, attempts, exc.retry_after, 60.0, self.rng)
+        if counted:
+            delay = error_delay(self.settings.poll.error_backoff, attempts, exc.retry_after, 60.0, self.rng)
+        else:
+            delay = exc.retry_after or 0.1
+        held = delay > self.settings.poll.countdown_max
         moved = self.ledger.transition(
-            rec.id, [JobState.SUBMITTING], JobState.PENDING, error=str(exc), due_at=self.clock() + delay
+            rec.id,
+            [JobState.SUBMITTING],
+            JobState.PENDING,
+            error=str(exc),
+            submit_attempts=attempts,
+            due_at=self.clock() + delay,
+            held=held,
         )
         if not moved.ok:
             return []
         log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, delay)
-        return [SubmitLater(rec.id, delay)]
+        return [] if held else [SubmitLater(rec.id, delay)]
 
     def _submit_found(self, rec: JobRecord) -> None:
         """A submit delivered for a job that is not pending: a duplicate, or a crash mid-POST."""
@@ -155,6 +167,9 @@ class JobService:
             )
         try:
             upstream = self.api.get_job(rec.upstream_id)
+        except Throttled as exc:
+            # Nothing was sent: the same poll generation tries again after the limiter's wait.
+            return [PollLater(job_id, gen, exc.retry_after or 0.1)]
         except (TransientError, ProtocolError) as exc:
             return self._poll_error(rec, exc)
         except PermanentError as exc:
@@ -182,19 +197,16 @@ class JobService:
         delay = poll_delay(self.policy(rec.kind), polls, self.rng)
         delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
         state = JobState.SUBMITTED if upstream.status.value == "created" else JobState.RUNNING
-        moved = self.ledger.transition(
-            rec.id,
+        actions = self._schedule_poll(
+            rec,
             POLLING_STATES,
             state,
-            expect_gen=rec.poll_gen,
-            poll_gen=rec.poll_gen + 1,
+            delay,
             polls=polls,
             errors_in_row=0,
             upstream_status=upstream.status.value,
-            next_poll_at=now + delay,
-            due_at=now + delay,
         )
-        return [PollLater(rec.id, rec.poll_gen + 1, delay)] if moved.ok else []
+        return actions or []
 
     def _poll_error(self, rec: JobRecord, exc: Exception) -> list[Action]:
         errors = rec.errors_in_row + 1
@@ -214,21 +226,48 @@ class JobService:
             self.settings.poll.error_backoff, errors, retry_after, policy.max_interval * 4, self.rng
         )
         delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
-        moved = self.ledger.transition(
-            rec.id,
-            [rec.state],
-            rec.state,
-            expect_gen=rec.poll_gen,
-            poll_gen=rec.poll_gen + 1,
-            errors_in_row=errors,
-            error=str(exc),
-            next_poll_at=now + delay,
-            due_at=now + delay,
-        )
         log.warning(
             "job %s: status check error %d/%d (%s); again in %.1fs", rec.id, errors, limit, exc, delay
         )
-        return [PollLater(rec.id, rec.poll_gen + 1, delay)] if moved.ok else []
+        return (
+            self._schedule_poll(rec, [rec.state], rec.state, delay, errors_in_row=errors, error=str(exc))
+            or []
+        )
+
+    def _schedule_poll(
+        self,
+        rec: JobRecord,
+        allowed: Iterable[JobState],
+        state: JobState,
+        delay: float,
+        *,
+        new_gen: int | None = None,
+        expect_gen: int | object | None = KEEP,
+        **fields: Any,
+    ) -> list[Action] | None:
+        """Record the next poll and start a new poll generation, so any older poll message is stale.
+
+        A short wait is a countdown message. A long one (over ``poll.countdown_max``) is held in Redis
+        only, by its due time, and the sweeper dispatches it: a worker holds countdown messages in
+        memory and a broker redelivers them after the visibility timeout, so long waits cost neither.
+        Returns None when the record had moved on (nothing scheduled).
+        """
+        gen = rec.poll_gen + 1 if new_gen is None else new_gen
+        held = delay > self.settings.poll.countdown_max
+        moved = self.ledger.transition(
+            rec.id,
+            allowed,
+            state,
+            expect_gen=rec.poll_gen if expect_gen is KEEP else expect_gen,  # type: ignore[arg-type]
+            poll_gen=gen,
+            next_poll_at=self.clock() + delay,
+            due_at=self.clock() + delay,
+            held=held,
+            **fields,
+        )
+        if not moved.ok:
+            return None
+        return [] if held else [PollLater(rec.id, gen, delay)]
 
     def _succeeded_upstream(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
         outputs = upstream.videos if rec.kind is JobKind.VIDEO else upstream.images
@@ -343,7 +382,7 @@ class JobService:
         allowed: Iterable[JobState],
         reason: str,
         expect_gen: int | None = None,
-        **fields: object,
+        **fields: Any,
     ) -> list[Action]:
         """Move the job to a terminal state with its reason (if it is still in ``allowed``)."""
         moved = self.ledger.transition(rec.id, allowed, to, expect_gen=expect_gen, error=reason, **fields)
@@ -366,6 +405,12 @@ class JobService:
         """A parked job's model is ready: submit it."""
         moved = self.ledger.transition(job_id, [JobState.PARKED], JobState.PENDING, due_at=self.clock())
         return [SubmitLater(job_id, 0.0)] if moved.ok else []
+
+    def abandon(self, job_id: str, reason: str) -> list[Action]:
+        """End a job that cannot make progress, whatever step it is at."""
+        rec = self.ledger.get(job_id)
+        live = [s for s in JobState if not s.terminal]
+        return self._end(rec, JobState.FAILED, live, reason) if rec else []
 
     def fail_parked(self, job_id: str, reason: str) -> list[Action]:
         rec = self.ledger.get(job_id)

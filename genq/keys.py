@@ -15,6 +15,12 @@ COUNTS = f"{PREFIX}:counts"
 
 MODELS = f"{PREFIX}:models"
 """Sorted set: every model genqueue has trained, by first request time."""
+MODELS_DUE = f"{PREFIX}:models:due"
+"""Sorted set: models in training by the time their next step is due (the sweeper's index)."""
+SWEEP_LAST = f"{PREFIX}:sweep:last"
+"""String: when the sweeper last ran (Unix time), for health checks."""
+JOB_PREFIX = f"{PREFIX}:job:"
+MODEL_PREFIX = f"{PREFIX}:model:"
 
 EVENTS_MAXLEN = 100_000
 """Approximate cap on the event stream."""
@@ -22,7 +28,7 @@ EVENTS_MAXLEN = 100_000
 
 def job(job_id: str) -> str:
     """Hash: the job record."""
-    return f"{PREFIX}:job:{job_id}"
+    return f"{JOB_PREFIX}{job_id}"
 
 
 def job_urls(job_id: str) -> str:
@@ -37,7 +43,7 @@ def idempotency(key: str) -> str:
 
 def model(model_id: str) -> str:
     """Hash: the model record."""
-    return f"{PREFIX}:model:{model_id}"
+    return f"{MODEL_PREFIX}{model_id}"
 
 
 def model_history(model_id: str) -> str:
@@ -48,3 +54,21 @@ def model_history(model_id: str) -> str:
 def model_parked(model_id: str) -> str:
     """Set: ids of jobs parked until the model is ready."""
     return f"{PREFIX}:model:{model_id}:parked"
+
+
+LIMIT_SEMAPHORE = f"{PREFIX}:limit:inflight"
+"""Sorted set: leases of upstream calls in flight, scored by expiry."""
+
+
+def limit_window(family: str) -> str:
+    """Sorted set: admission times of upstream calls of one family (``*``: all) in the last second."""
+    return f"{PREFIX}:limit:window:{family}"
+
+
+LIMIT_BLOCKED = f"{PREFIX}:limit:blocked"
+"""String: until when (Redis time) the upstream is closed after a 429."""
+
+
+def deliveries(task_id: str) -> str:
+    """Counter: how many times one task message was delivered to a worker."""
+    return f"{PREFIX}:deliveries:{task_id}"

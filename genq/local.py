@@ -49,6 +49,8 @@ class WorkerProcess:
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
+    ready_marker = " ready."
+
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("")
@@ -67,7 +69,7 @@ class WorkerProcess:
                 raise RuntimeError(
                     f"worker exited at start (code {self.process.returncode}):\n{self.output()}"
                 )
-            if " ready." in self.log_path.read_text(errors="replace"):
+            if self.ready_marker in self.log_path.read_text(errors="replace"):
                 return self
             time.sleep(0.1)
         self.kill()
@@ -127,3 +129,19 @@ class WorkerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class BeatProcess(WorkerProcess):
+    """``celery -A workers beat``: the sweeper's clock."""
+
+    ready_marker = "beat: Starting..."
+
+    def __init__(self, env: Mapping[str, str], *, log_path: Path, cwd: Path | None = None) -> None:
+        super().__init__(env, log_path=log_path, cwd=cwd)
+        self.args = [
+            sys.executable, "-m", "celery", "-A", "workers", "beat",
+            "-s", str(log_path.with_suffix(".schedule")),
+            "--pidfile=",
+            "-l", "INFO",
+            "--logfile", str(log_path),
+        ]  # fmt: skip

@@ -16,10 +16,10 @@ import redis
 
 from genq import keys
 from genq.models import ModelRecord, ModelState
-from genq.store import Transition, as_text, to_field
+from genq.store import CLAIM_DUE, Transition, as_text, to_field
 
 _REQUEST = """
--- KEYS: model, history, models. ARGV: id, now, force ('1'/'0'), deadline
+-- KEYS: model, history, models, due. ARGV: id, now, force ('1'/'0'), deadline, due
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur == 'requested' or cur == 'training' then return {0, cur} end
 if cur == 'ready' and ARGV[3] ~= '1' then return {0, cur} end
@@ -28,14 +28,15 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'requested', 'requested_at',
            'ready_at', '', 'started_at', '')
 redis.call('HINCRBY', KEYS[1], 'poll_gen', 1)
 redis.call('ZADD', KEYS[3], 'NX', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 local entry = {at = tonumber(ARGV[2]), event = 'requested', from = cur or 'untrained'}
 redis.call('RPUSH', KEYS[2], cjson.encode(entry))
 return {1, cur or 'untrained'}
 """
 
 _TRANSITION = """
--- KEYS: model, history, parked. ARGV: from (comma list), to, now, expect_gen, release ('1'/'0'),
--- event detail, fields...
+-- KEYS: model, history, parked, due. ARGV: from (comma list), to, now, expect_gen, release ('1'/'0'),
+-- event detail, due ('' keep, '-' drop, else score), fields...
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, '', 'missing'} end
 local allowed = false
@@ -43,7 +44,9 @@ for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then allowed = true end 
 if not allowed then return {0, cur, 'state'} end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'poll_gen') ~= ARGV[4] then return {0, cur, 'stale'} end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at', ARGV[3])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[7] == '-' then redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
+elseif ARGV[7] ~= '' then redis.call('ZADD', KEYS[4], ARGV[7], redis.call('HGET', KEYS[1], 'id')) end
 redis.call('RPUSH', KEYS[2], cjson.encode({at = tonumber(ARGV[3]), event = ARGV[2], detail = ARGV[6]}))
 local released = {}
 if ARGV[5] == '1' then
@@ -57,18 +60,23 @@ return {1, cur, 'ok', released}
 class ModelLedger:
     """Model records. Plain Python: no Celery here."""
 
-    def __init__(self, client: redis.Redis, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, client: redis.Redis, *, grace: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.redis = client
+        self.grace = grace
         self.clock = clock
         self._request = client.register_script(_REQUEST)
         self._transition = client.register_script(_TRANSITION)
+        self._claim = client.register_script(CLAIM_DUE)
 
     def request(self, model_id: str, *, deadline_at: float, force: bool = False) -> bool:
         """Mark training requested; False when it is already requested, training, or ready (unless
         ``force``). Only the caller that gets True sends the train task: one upstream call per model."""
+        now = self.clock()
         started, _ = self._request(
-            keys=[keys.model(model_id), keys.model_history(model_id), keys.MODELS],
-            args=[model_id, self.clock(), "1" if force else "0", deadline_at],
+            keys=[keys.model(model_id), keys.model_history(model_id), keys.MODELS, keys.MODELS_DUE],
+            args=[model_id, now, "1" if force else "0", deadline_at, now + self.grace],
         )
         return bool(started)
 
@@ -81,10 +89,19 @@ class ModelLedger:
         expect_gen: int | None = None,
         release: bool = False,
         detail: str = "",
+        due_at: float | None = None,
+        held: bool = False,
         **fields: Any,
     ) -> tuple[Transition, list[str]]:
         """Compare-and-set the model's state; with ``release``, also empty its parked set atomically and
-        return the job ids that were parked."""
+        return the job ids that were parked. ``due_at`` works as for jobs (see ``Ledger.transition``);
+        a model that stops training leaves the due index."""
+        if not to.in_progress:
+            due = "-"
+        elif due_at is None:
+            due = ""
+        else:
+            due = repr(due_at + (0.0 if held else self.grace))
         args: list[Any] = [
             ",".join(s.value for s in allowed),
             to.value,
@@ -92,11 +109,18 @@ class ModelLedger:
             "" if expect_gen is None else str(expect_gen),
             "1" if release else "0",
             detail,
+            due,
         ]
         for name, value in fields.items():
             args += [name, to_field(value)]
         result = self._transition(
-            keys=[keys.model(model_id), keys.model_history(model_id), keys.model_parked(model_id)], args=args
+            keys=[
+                keys.model(model_id),
+                keys.model_history(model_id),
+                keys.model_parked(model_id),
+                keys.MODELS_DUE,
+            ],
+            args=args,
         )
         prev = as_text(result[1])
         released = [as_text(j) for j in result[3]] if len(result) > 3 else []
@@ -117,6 +141,17 @@ class ModelLedger:
             return None
         fields = {as_text(k): as_text(v) for k, v in raw.items()}
         return ModelRecord.from_hash(fields, [as_text(h) for h in hist], int(parked))
+
+    def claim_due(self, limit: int = 100) -> list[tuple[str, ModelState, int]]:
+        """Models whose next step is due, as ``(id, state, poll_gen)`` (see ``Ledger.claim_due``)."""
+        flat = self._claim(
+            keys=[keys.MODELS_DUE],
+            args=[self.clock(), limit, self.grace, keys.MODEL_PREFIX, ModelState.TRAINING.value],
+        )
+        return [
+            (as_text(flat[i]), ModelState(as_text(flat[i + 1])), int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
 
     def list_ids(self, limit: int = 100) -> list[str]:
         return [as_text(i) for i in self.redis.zrevrange(keys.MODELS, 0, limit - 1)]

@@ -28,8 +28,8 @@ from genq.errors import GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
 from genq.model_store import ModelLedger
 from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
-from genq.services import redis_client
-from genq.store import JobEvent, Ledger
+from genq.services import ledger_for, redis_client
+from genq.store import JobEvent
 
 
 class EnqueueError(GenqError):
@@ -57,8 +57,8 @@ class Producer:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.redis: redis.Redis = redis_client(self.settings)
-        self.ledger = Ledger(self.redis, job_ttl=self.settings.worker.job_ttl)
-        self.models = ModelLedger(self.redis)
+        self.ledger = ledger_for(self.redis, self.settings)
+        self.models = ModelLedger(self.redis, grace=self.settings.worker.sweep_grace)
         self.celery = Celery("genqueue-producer", set_as_current=False)
         self.celery.conf.update(celery_config(self.settings))
 

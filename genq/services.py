@@ -10,10 +10,14 @@ import redis
 import requests
 
 from config.settings import Settings
+from genq import keys
+from genq.actions import Action
 from genq.api import UpstreamClient
 from genq.jobs import JobService
+from genq.limits import Limits, UpstreamLimiter
 from genq.model_store import ModelLedger
 from genq.store import Ledger
+from genq.sweeper import Sweeper
 from genq.training import TrainingService
 from genq.workflows import WorkflowService
 
@@ -29,6 +33,10 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
+def ledger_for(client: redis.Redis, settings: Settings) -> Ledger:
+    return Ledger(client, job_ttl=settings.worker.job_ttl, grace=settings.worker.sweep_grace)
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -37,23 +45,56 @@ class Services:
     api: UpstreamClient
     jobs: JobService
     training: TrainingService
+    sweeper: Sweeper
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         client = redis_client(settings)
-        ledger = Ledger(client, job_ttl=settings.worker.job_ttl)
+        ledger = ledger_for(client, settings)
+        limits = settings.limits
+        limiter = UpstreamLimiter(
+            client,
+            Limits(
+                rates={
+                    "trigger": limits.trigger_rate,
+                    "status": limits.status_rate,
+                    "models": limits.models_rate,
+                },
+                total_rate=limits.rate,
+                max_concurrent=limits.max_concurrent,
+                lease_seconds=settings.api.connect_timeout + settings.api.read_timeout + 5,
+            ),
+        )
         api = UpstreamClient(
             settings.api.base_url,
             settings.api.key,
             connect_timeout=settings.api.connect_timeout,
             read_timeout=settings.api.read_timeout,
+            limiter=limiter,
         )
         # A separate session for output files: the API key must never be sent to a file host.
         files = requests.Session()
         rng = random.Random()
         jobs = JobService(settings, ledger, api, files, time.time, rng, WorkflowService(ledger))
-        training = TrainingService(settings, ModelLedger(client), api, jobs, time.time, rng)
-        return cls(settings, client, ledger, api, jobs, training)
+        models = ModelLedger(client, grace=settings.worker.sweep_grace)
+        training = TrainingService(settings, models, api, jobs, time.time, rng)
+        sweeper = Sweeper(ledger, models, jobs, time.time)
+        return cls(settings, client, ledger, api, jobs, training, sweeper)
+
+    def deliveries(self, task_id: str) -> int:
+        """Count one more delivery of a task message; returns the count so far."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(keys.deliveries(task_id))
+        pipe.expire(keys.deliveries(task_id), 86400)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def poison(self, task_name: str, subject: str, deliveries: int) -> list[Action]:
+        """End the job (or model training) a poison message is about, with the reason."""
+        reason = f"{task_name} was delivered {deliveries} times without finishing (it may crash its worker)"
+        if task_name in ("genq.train", "genq.poll_model"):
+            return self.training.abandon(subject, reason)
+        return self.jobs.abandon(subject, reason)
 
     def close(self) -> None:
         self.api.session.close()

@@ -17,7 +17,7 @@ from typing import Any, Final
 import redis
 
 from genq import keys
-from genq.models import JobKind, JobRecord, JobState, OutputFile
+from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile
 
 KEEP: Final = object()
 """``due_at`` value: leave the job's due time as it is."""
@@ -75,6 +75,32 @@ redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':' .. state, 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[1], 'kind', ARGV[2],
            'from', '', 'to', state, 'at', ARGV[3], 'parent', ARGV[7])
 return {1, ARGV[1], state}
+"""
+
+CLAIM_DUE = """
+-- KEYS: due index. ARGV: now, limit, seconds to push a claimed entry forward, record key prefix,
+-- polling states (comma list). Records are read by prefix: this ledger is one Redis, not a cluster.
+-- Claims what is due: pushes it forward (so the next sweep does not claim it again) and, for a job
+-- being polled, starts a new poll generation so that any late message of the old one is stale.
+local now = tonumber(ARGV[1])
+local polling = {}
+for s in string.gmatch(ARGV[5], '[^,]+') do polling[s] = true end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
+  local key = ARGV[4] .. id
+  local state = redis.call('HGET', key, 'state')
+  if not state then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local gen = tonumber(redis.call('HGET', key, 'poll_gen') or '0')
+    if polling[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+    table.insert(out, id)
+    table.insert(out, state)
+    table.insert(out, tostring(gen))
+  end
+end
+return out
 """
 
 _RECORD_OUTPUT = """
@@ -151,14 +177,17 @@ class Ledger:
         client: redis.Redis,
         *,
         job_ttl: int = 7 * 86400,
+        grace: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
         self.job_ttl = job_ttl
+        self.grace = grace
         self.clock = clock
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._record_output = client.register_script(_RECORD_OUTPUT)
+        self._claim = client.register_script(CLAIM_DUE)
 
     def create(
         self,
@@ -167,7 +196,6 @@ class Ledger:
         request: Mapping[str, Any],
         *,
         expected_outputs: int,
-        due_at: float,
         idempotency_key: str | None = None,
         model_id: str | None = None,
         parent_id: str | None = None,
@@ -188,7 +216,9 @@ class Ledger:
         }
         idem_key = keys.idempotency(idempotency_key) if idempotency_key else ""
         model_keys = [keys.model(model_id), keys.model_parked(model_id)] if model_id else ["", ""]
-        args: list[Any] = [job_id, kind.value, now, due_at, keys.EVENTS_MAXLEN, self.job_ttl, parent_id or ""]
+        # Due when the submit message should long have run: the sweeper sends it again if not.
+        due = now + self.grace
+        args: list[Any] = [job_id, kind.value, now, due, keys.EVENTS_MAXLEN, self.job_ttl, parent_id or ""]
         for name, value in fields.items():
             args += [name, to_field(value)]
         created, found, state = self._create(
@@ -211,15 +241,25 @@ class Ledger:
         *,
         expect_gen: int | None = None,
         due_at: float | object | None = KEEP,
+        held: bool = False,
         **fields: Any,
     ) -> Transition:
         """Move ``job_id`` to ``to`` if it is in one of ``allowed`` (and, with ``expect_gen``, its poll
-        generation still matches), setting ``fields``. ``due_at``: a time, ``None`` to drop it from the
-        due index, or :data:`KEEP`. Terminal states also drop it and start the record's TTL."""
+        generation still matches), setting ``fields``.
+
+        ``due_at`` is when the job's next step is expected: the sweeper re-drives it ``grace`` seconds
+        after that if no message did. With ``held`` no message is sent at all (a long wait kept in Redis
+        only) and the sweeper dispatches it right at ``due_at``. ``None`` drops the job from the due
+        index; :data:`KEEP` leaves it. Terminal states drop it and start the record's TTL."""
         if to.terminal:
             due_at = None
             fields.setdefault("finished_at", self.clock())
-        due = "" if due_at is KEEP else ("-" if due_at is None else repr(float(due_at)))  # type: ignore[arg-type]
+        if due_at is KEEP:
+            due = ""
+        elif due_at is None:
+            due = "-"
+        else:
+            due = repr(float(due_at) + (0.0 if held else self.grace))  # type: ignore[arg-type]
         args: list[Any] = [
             job_id,
             ",".join(s.value for s in allowed),
@@ -305,9 +345,30 @@ class Ledger:
         last = self.redis.xrevrange(keys.EVENTS, count=1)
         return as_text(last[0][0]) if last else "0-0"
 
-    def overdue(self, before: float, limit: int = 1000) -> list[str]:
-        """Unfinished jobs whose next step was due before ``before``."""
-        return [as_text(i) for i in self.redis.zrangebyscore(keys.DUE, "-inf", before, start=0, num=limit)]
+    def mark_swept(self) -> None:
+        self.redis.set(keys.SWEEP_LAST, repr(self.clock()))
+
+    def last_swept(self) -> float | None:
+        value = self.redis.get(keys.SWEEP_LAST)
+        return None if value is None else float(as_text(value))
+
+    def claim_due(self, limit: int = 500) -> list[tuple[str, JobState, int]]:
+        """Jobs whose next step is due (or overdue: no message came), as ``(id, state, poll_gen)``;
+        each is pushed ``grace`` seconds forward, and a polled job gets a new poll generation."""
+        flat = self._claim(
+            keys=[keys.DUE],
+            args=[
+                self.clock(),
+                limit,
+                self.grace,
+                keys.JOB_PREFIX,
+                ",".join(s.value for s in POLLING_STATES),
+            ],
+        )
+        return [
+            (as_text(flat[i]), JobState(as_text(flat[i + 1])), int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
 
 
 def as_text(value: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from config.settings import Settings
 from genq.actions import Action, PollModelLater, TrainLater
 from genq.api import UpstreamClient
-from genq.errors import PermanentError, ProtocolError, TransientError
+from genq.errors import PermanentError, ProtocolError, Throttled, TransientError
 from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import ModelRecord, ModelState
@@ -46,6 +46,8 @@ class TrainingService:
             return []  # a duplicate delivery, or training already under way
         try:
             answer = self.api.train_model(model_id)
+        except Throttled as exc:
+            return [TrainLater(model_id, exc.retry_after or 0.1)]
         except (TransientError, ProtocolError) as exc:
             return self._train_error(rec, exc)
         except PermanentError as exc:
@@ -55,20 +57,17 @@ class TrainingService:
         delay = clamp_to_deadline(
             poll_delay(policy, 0, self.rng), now, rec.deadline_at or now + policy.deadline
         )
-        moved, _ = self.models.transition(
-            model_id,
-            [ModelState.REQUESTED],
-            ModelState.TRAINING,
+        log.info("model %s: training started; first check in %.0fs", model_id, delay)
+        return self._schedule(
+            rec,
+            ModelState.REQUESTED,
+            delay,
             detail=f"train call accepted: {answer[:80]}",
             started_at=now,
             train_calls=rec.train_calls + 1,
             errors_in_row=0,
             error=None,
         )
-        if not moved.ok:
-            return []
-        log.info("model %s: training started; first check in %.0fs", model_id, delay)
-        return [PollModelLater(model_id, rec.poll_gen, delay)]
 
     def poll(self, model_id: str, gen: int) -> list[Action]:
         rec = self.models.get(model_id)
@@ -82,6 +81,8 @@ class TrainingService:
             )
         try:
             upstream = self.api.get_model(model_id)
+        except Throttled as exc:
+            return [PollModelLater(model_id, gen, exc.retry_after or 0.1)]
         except (TransientError, ProtocolError) as exc:
             return self._poll_error(rec, exc)
         except PermanentError as exc:
@@ -96,18 +97,22 @@ class TrainingService:
             return self._finish(rec, ModelState.FAILED, [ModelState.TRAINING], reason, checks=checks)
         delay = poll_delay(self.settings.poll.model, checks, self.rng)
         delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
-        moved, _ = self.models.transition(
-            model_id,
-            [ModelState.TRAINING],
+        return self._schedule(
+            rec,
             ModelState.TRAINING,
-            expect_gen=gen,
+            delay,
             detail=f"check {checks}: {upstream.status}",
-            poll_gen=gen + 1,
             checks=checks,
             errors_in_row=0,
             upstream_status=upstream.status,
         )
-        return [PollModelLater(model_id, gen + 1, delay)] if moved.ok else []
+
+    def abandon(self, model_id: str, reason: str) -> list[Action]:
+        """End training that cannot make progress; its parked jobs fail with the reason."""
+        rec = self.models.get(model_id)
+        if rec is None:
+            return []
+        return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED, ModelState.TRAINING], reason)
 
     def _train_error(self, rec: ModelRecord, exc: Exception) -> list[Action]:
         errors = rec.errors_in_row + 1
@@ -136,17 +141,34 @@ class TrainingService:
         delay = error_delay(
             self.settings.poll.error_backoff, errors, retry_after, policy.max_interval, self.rng
         )
-        moved, _ = self.models.transition(
-            rec.id,
-            [ModelState.TRAINING],
+        return self._schedule(
+            rec,
             ModelState.TRAINING,
-            expect_gen=rec.poll_gen,
+            delay,
             detail=f"check error: {exc}",
-            poll_gen=rec.poll_gen + 1,
             errors_in_row=errors,
             error=str(exc),
         )
-        return [PollModelLater(rec.id, rec.poll_gen + 1, delay)] if moved.ok else []
+
+    def _schedule(
+        self, rec: ModelRecord, current: ModelState, delay: float, detail: str, **fields: Any
+    ) -> list[Action]:
+        """Record the next readiness check under a new poll generation. A check minutes away (the
+        default) is held in Redis and dispatched by the sweeper, not a countdown held by a worker."""
+        gen = rec.poll_gen + 1
+        held = delay > self.settings.poll.countdown_max
+        moved, _ = self.models.transition(
+            rec.id,
+            [current],
+            ModelState.TRAINING,
+            expect_gen=rec.poll_gen,
+            detail=detail,
+            due_at=self.clock() + delay,
+            held=held,
+            poll_gen=gen,
+            **fields,
+        )
+        return [PollModelLater(rec.id, gen, delay)] if moved.ok and not held else []
 
     def _finish(
         self,

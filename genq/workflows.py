@@ -32,6 +32,14 @@ class WorkflowService:
         self._maybe_finish(parent)
         return actions
 
+    def resume(self, parent: JobRecord) -> list[Action]:
+        """Re-drive a workflow whose step-ended hook may have been lost (a worker died after a step
+        ended): start missing upscales, or end it. Idempotent."""
+        generated = self.ledger.get(parent.children[0]) if parent.children else None
+        if generated is None:
+            return []
+        return self.step_ended(generated) if generated.terminal else []
+
     def _start_upscales(self, parent: JobRecord, generated: JobRecord) -> list[Action]:
         request = WorkflowRequest.model_validate(parent.request)
         steps: list[str] = [generated.id]

@@ -48,6 +48,12 @@ def poll_model(model_id: str, gen: int) -> None:
     dispatch(services().training.poll(model_id, gen))
 
 
+@app.task(name="genq.sweep")
+def sweep() -> None:
+    actions, _ = services().sweeper.sweep()
+    dispatch(actions)
+
+
 def dispatch(actions: Iterable[Action]) -> None:
     """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
     for action in actions:

@@ -17,7 +17,7 @@ import pytest
 from config.celeryconf import QUEUES
 from config.settings import Settings, get_settings, load_settings
 from genq.embedded import EmbeddedRedis
-from genq.local import WorkerProcess
+from genq.local import BeatProcess, WorkerProcess
 from genq.producer import Producer
 from genq.services import redis_client
 from genq.store import Ledger
@@ -78,6 +78,11 @@ class Stack:
         self.workers.append(worker)
         return worker.start()
 
+    def beat(self, **env: str) -> BeatProcess:
+        beat = BeatProcess({**os.environ, **self.env, **env}, log_path=self.tmp / f"beat-{len(self.workers)}.log")
+        self.workers.append(beat)
+        return beat.start()
+
     def close(self) -> None:
         for producer in self.producers:
             producer.close()
@@ -121,6 +126,8 @@ def stack(redis_server: EmbeddedRedis, simulator: SimulatorProcess, tmp_path: Pa
         "GENQ_DOWNLOAD_ALLOW_HTTP": "true",
         "GENQ_POLL_IMAGE": FAST_POLL,
         "GENQ_POLL_ERROR_BACKOFF": "0.2",
+        "GENQ_WORKER_SWEEP_INTERVAL": "0.5",
+        "GENQ_WORKER_SWEEP_GRACE": "3",
     }
     stack = Stack(redis_server, simulator, tmp_path, env)
     try:

@@ -14,7 +14,7 @@ def create_app(settings: Settings | None = None) -> Celery:
             settings = get_settings()
         except SettingsError as exc:
             raise SystemExit(str(exc)) from None
-    app = Celery("genqueue", include=["tasks.jobs"], set_as_current=True)
+    app = Celery("genqueue", include=["tasks.jobs"], set_as_current=True, task_cls="workers.base:GenqTask")
     app.conf.update(celery_config(settings))
     from workers import signals  # noqa: F401  (connects the worker signal handlers)
 

@@ -31,12 +31,16 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
         timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "3/3 jobs succeeded, 6 files" in result.stdout
-    files = sorted((tmp_path / "downloads").rglob("*.png"))
-    assert len(files) == 6
-    for f in files:
-        assert f.read_bytes().startswith(b"\x89PNG")
-        assert f.name in result.stdout.replace("\n", "") or f.parent.name[:12] in result.stdout
+    # 3 image jobs of 2 files, a video, a 2-image workflow (2 upscaled files), a parked generation.
+    assert "6/6 jobs succeeded, 10 files" in result.stdout
+    for kind in ("image", "video", "workflow"):
+        assert f" {kind} " in result.stdout
+    assert "training demo-model" in result.stdout and "is parked until it is ready" in result.stdout
+    assert " NO " not in result.stdout  # every sha256 matches the simulator's
+    pngs = sorted((tmp_path / "downloads").rglob("*.png"))
+    assert len(pngs) == 3 * 2 + 2 + 2 + 1  # the workflow's generated and upscaled images both stay
+    assert all(f.read_bytes().startswith(b"\x89PNG") for f in pngs)
+    assert len(list((tmp_path / "downloads").rglob("*.mp4"))) == 1
     # Everything the demo started is gone: no redis-server or worker left with this cwd.
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""

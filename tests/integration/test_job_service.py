@@ -68,7 +68,7 @@ def upstream() -> Iterator[responses.RequestsMock]:
 
 
 def _job(service: JobService, job_id: str = "j1", outputs: int = 1) -> str:
-    service.ledger.create(job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=outputs, due_at=0)
+    service.ledger.create(job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=outputs)
     return job_id
 
 

@@ -15,12 +15,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def ledger(redis_server: EmbeddedRedis) -> Ledger:
-    return Ledger(redis.Redis.from_url(redis_server.url), job_ttl=3600)
+    return Ledger(redis.Redis.from_url(redis_server.url), job_ttl=3600, grace=10, clock=lambda: 100.0)
 
 
 def _create(ledger: Ledger, job_id: str = "j1", key: str | None = None) -> tuple[str, bool]:
     created = ledger.create(
-        job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=2, due_at=100.0, idempotency_key=key
+        job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=2, idempotency_key=key
     )
     return created.id, created.created
 
@@ -30,7 +30,7 @@ def test_create_writes_a_pending_record_an_event_and_a_due_entry(ledger: Ledger)
     record = ledger.get("j1")
     assert record is not None
     assert record.state is JobState.PENDING and record.request == {"prompt": "p"}
-    assert ledger.redis.zscore(keys.DUE, "j1") == 100.0
+    assert ledger.redis.zscore(keys.DUE, "j1") == 110.0  # created at 100, re-driven after the grace
     events = ledger.redis.xrange(keys.EVENTS)
     assert [e[1][b"to"] for e in events] == [b"pending"]
     assert ledger.counts() == {"image:pending": 1}

@@ -1,0 +1,141 @@
+"""A global rate limit, a concurrency cap and a shared 429 back-off for the upstream, kept in Redis so
+every worker on every host obeys the same numbers.
+
+Each limit is one Lua script timed by Redis's own clock (so hosts with skewed clocks agree):
+
+- **rate**: a sliding one-second window per endpoint family and one over all of them; a call is admitted
+  only while fewer than ``rate`` calls were admitted in the last second, so no second ever sees more.
+- **concurrency**: a semaphore of leases (a sorted set scored by expiry), so a worker killed mid-call
+  frees its slot when the lease runs out.
+- **back-off**: after a 429 the upstream is closed until its Retry-After for every worker, not just the
+  one that saw it (quotas are per account, so every family waits).
+
+A caller that is refused gets the seconds to wait and re-enqueues itself with that countdown: nothing
+sleeps and no worker slot is held while waiting.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import redis
+
+from genq import keys
+
+_ACQUIRE = """
+-- KEYS: blocked (all families), family window, total window, semaphore
+-- ARGV: family rate, total rate, max concurrent, lease seconds, token, window seconds
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
+if blocked > now then return {0, tostring(blocked - now)} end
+local window = tonumber(ARGV[6])
+local wait = 0
+for i, rate in ipairs({tonumber(ARGV[1]), tonumber(ARGV[2])}) do
+  if rate > 0 then
+    local key = KEYS[i + 1]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+    if redis.call('ZCARD', key) >= rate then
+      local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      wait = math.max(wait, tonumber(oldest[2]) + window - now)
+    end
+  end
+end
+local cap = tonumber(ARGV[3])
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  if redis.call('ZCARD', KEYS[4]) >= cap then
+    local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    wait = math.max(wait, math.min(tonumber(first[2]) - now, 1.0))
+  end
+end
+if wait > 0 then return {0, tostring(wait)} end
+for i, rate in ipairs({tonumber(ARGV[1]), tonumber(ARGV[2])}) do
+  if rate > 0 then
+    redis.call('ZADD', KEYS[i + 1], now, ARGV[5])
+    redis.call('EXPIRE', KEYS[i + 1], 10)
+  end
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[5])
+  redis.call('EXPIRE', KEYS[4], math.ceil(tonumber(ARGV[4])) + 10)
+end
+return {1, '0'}
+"""
+
+_BLOCK = """
+-- KEYS: blocked. ARGV: seconds. Extends, never shortens, the closed period.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local until_ = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_ > current then
+  redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per family requests/second (0: no limit), a total over all families, and a concurrency cap."""
+
+    rates: Mapping[str, float] = field(default_factory=dict)
+    total_rate: float = 0.0
+    max_concurrent: int = 0
+    lease_seconds: float = 60.0
+    window_seconds: float = (
+        1.05  # a little over a second, so network jitter cannot show R+1 in a second upstream
+    )
+
+
+@dataclass(frozen=True)
+class Permit:
+    """An admitted call; release it when the call is done (frees its concurrency slot)."""
+
+    token: str
+
+
+class UpstreamLimiter:
+    """Admits upstream calls against the shared limits. Plain Python, one Redis round trip per call."""
+
+    def __init__(self, client: redis.Redis, limits: Limits) -> None:
+        self.redis = client
+        self.limits = limits
+        self._acquire = client.register_script(_ACQUIRE)
+        self._block = client.register_script(_BLOCK)
+
+    def acquire(self, family: str) -> tuple[Permit | None, float]:
+        """``(permit, 0)`` when the call may go now, else ``(None, seconds to wait)``."""
+        token = uuid.uuid4().hex
+        ok, wait = self._acquire(
+            keys=[
+                keys.LIMIT_BLOCKED,
+                keys.limit_window(family),
+                keys.limit_window("*"),
+                keys.LIMIT_SEMAPHORE,
+            ],
+            args=[
+                self.limits.rates.get(family, 0),
+                self.limits.total_rate,
+                self.limits.max_concurrent,
+                self.limits.lease_seconds,
+                token,
+                self.limits.window_seconds,
+            ],
+        )
+        return (Permit(token), 0.0) if ok else (None, max(0.001, float(wait)))
+
+    def release(self, permit: Permit) -> None:
+        if self.limits.max_concurrent > 0:
+            self.redis.zrem(keys.LIMIT_SEMAPHORE, permit.token)
+
+    def block(self, seconds: float) -> None:
+        """Close the upstream for every worker for ``seconds`` (a 429's Retry-After)."""
+        self._block(keys=[keys.LIMIT_BLOCKED], args=[max(0.0, seconds)])
+
+    @property
+    def active(self) -> bool:
+        return bool(self.limits.total_rate or self.limits.max_concurrent or any(self.limits.rates.values()))

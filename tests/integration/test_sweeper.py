@@ -1,0 +1,101 @@
+"""The sweeper re-drives what a lost message or a dead worker left behind, and dispatches long waits."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from genq.models import JobState, ModelState
+from simulator import SimConfig
+from tests.conftest import Stack, wait_all
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(api_key="test-key-0d9f", images_per_job=1, training_duration=2.0)
+
+
+def test_a_lost_poll_message_delays_the_job_by_at_most_the_grace(stack: Stack) -> None:
+    """The poll message is deleted from the broker before any worker takes it."""
+    stack.worker(queues=("submit", "download"))
+    stack.beat()
+    producer = stack.producer()
+    job = producer.submit_image("lost poll")
+    deadline = time.monotonic() + 20
+    while producer.status(job.id).state is not JobState.SUBMITTED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ledger = stack.ledger()
+    assert ledger.redis.llen("poll") >= 1
+    ledger.redis.delete("poll")  # the message is gone for good
+    lost_at = time.time()
+    due = producer.status(job.id).next_poll_at or lost_at
+
+    stack.worker(queues=("poll",))
+    (record,) = wait_all(producer, [job.id], timeout=30)
+
+    assert record.state is JobState.SUCCEEDED
+    first_get = min(stack.sim.stats()["per_job"][record.upstream_id or ""]["get_times"])
+    grace, interval = 3.0, 0.5
+    # The simulator's clock is monotonic: compare durations, not timestamps.
+    assert record.poll_gen >= 2  # the sweeper started a new poll generation
+    assert record.finished_at is not None and record.finished_at - due <= grace + 2 * interval + 5
+    assert first_get > 0
+
+
+def test_long_waits_are_held_in_redis_and_dispatched_by_the_sweeper(stack: Stack) -> None:
+    """With countdown_max below the poll interval, no countdown message exists: only the ledger holds
+    the wait, and jobs still complete on time."""
+    env = {
+        "GENQ_POLL_COUNTDOWN_MAX": "0.2",
+        "GENQ_POLL_IMAGE": '{"first_delay": 1, "interval": 1, "max_interval": 1, "deadline": 60}',
+    }
+    stack.worker(**env)
+    stack.beat(**env)
+    producer = stack.producer(**env)
+    ids = [producer.submit_image(f"held {i} [sim:duration=3]").id for i in range(5)]
+    inspect = producer.celery.control.inspect(timeout=1.0)
+    held_by_workers = []
+    while not all(producer.status(i).terminal for i in ids):
+        scheduled = inspect.scheduled() or {}
+        held_by_workers.append(sum(len(tasks) for tasks in scheduled.values()))
+
+    records = wait_all(producer, ids, timeout=40)
+
+    assert all(r.state is JobState.SUCCEEDED for r in records)
+    assert all(r.polls >= 2 for r in records)
+    assert len(held_by_workers) >= 2 and max(held_by_workers) == 0  # no countdown ever sat in a worker
+    assert "genq.sweep" in (stack.tmp / "worker-0.log").read_text()
+
+
+def test_short_waits_are_countdowns_held_by_the_worker(stack: Stack) -> None:
+    """The baseline for the test above: with the default countdown_max the same polls are ETA tasks."""
+    env = {"GENQ_POLL_IMAGE": '{"first_delay": 2, "interval": 2, "max_interval": 2, "deadline": 60}'}
+    stack.worker(**env)
+    producer = stack.producer(**env)
+    ids = [producer.submit_image(f"countdown {i} [sim:duration=3]").id for i in range(5)]
+    inspect = producer.celery.control.inspect(timeout=1.0)
+    held_by_workers = []
+    while not all(producer.status(i).terminal for i in ids):
+        scheduled = inspect.scheduled() or {}
+        held_by_workers.append(sum(len(tasks) for tasks in scheduled.values()))
+    assert max(held_by_workers) >= 1
+
+
+def test_model_checks_minutes_apart_are_held_in_redis(stack: Stack) -> None:
+    env = {
+        "GENQ_POLL_COUNTDOWN_MAX": "0.2",
+        "GENQ_POLL_MODEL": '{"first_delay": 1, "interval": 1, "max_interval": 1, "deadline": 60}',
+    }
+    stack.worker(**env)
+    stack.beat(**env)
+    producer = stack.producer(**env)
+    producer.train_model("held-model")
+    deadline = time.monotonic() + 30
+    while producer.model_status("held-model").state is not ModelState.READY and time.monotonic() < deadline:
+        time.sleep(0.2)
+    model = producer.model_status("held-model")
+    assert model.state is ModelState.READY and model.checks >= 1
+    assert stack.sim.stats()["train_calls"] == {"held-model": 1}

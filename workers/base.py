@@ -1,0 +1,32 @@
+"""The task base class every genqueue task runs under: it counts deliveries, so a message that keeps
+killing its worker (late acks deliver it again each time) ends its job ``failed`` instead of looping."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from workers.runtime import services
+
+log = logging.getLogger("genq.worker")
+
+
+class GenqTask(Task):  # type: ignore[misc]
+    """Subject of a task: its first argument, a job id (or a model id for the training tasks)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        task_id = self.request.id
+        if task_id and args and not self.request.is_eager:
+            deliveries = services().deliveries(task_id)
+            limit = services().settings.worker.max_deliveries
+            if deliveries > limit:
+                log.error(
+                    "%s[%s] delivered %d times; giving up on %s", self.name, task_id, deliveries, args[0]
+                )
+                from tasks.jobs import dispatch
+
+                dispatch(services().poison(self.name, str(args[0]), deliveries))
+                return None
+        return super().__call__(*args, **kwargs)

@@ -79,7 +79,9 @@ class Stack:
         return worker.start()
 
     def beat(self, **env: str) -> BeatProcess:
-        beat = BeatProcess({**os.environ, **self.env, **env}, log_path=self.tmp / f"beat-{len(self.workers)}.log")
+        beat = BeatProcess(
+            {**os.environ, **self.env, **env}, log_path=self.tmp / f"beat-{len(self.workers)}.log"
+        )
         self.workers.append(beat)
         return beat.start()
 

@@ -57,7 +57,9 @@ def test_submit_wait_and_status_from_the_command_line(stack: Stack) -> None:
     record = json.loads(submitted.stdout)
     assert record["state"] == "succeeded" and len(record["outputs"]) == 2
 
-    status = subprocess.run([GENQ, "status", record["id"]], env=env, capture_output=True, text=True, timeout=30)
+    status = subprocess.run(
+        [GENQ, "status", record["id"]], env=env, capture_output=True, text=True, timeout=30
+    )
     assert status.returncode == 0
     assert "succeeded" in status.stdout and record["outputs"][0]["sha256"] in status.stdout
 

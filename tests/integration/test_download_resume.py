@@ -25,7 +25,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     cut_first = True
     ranges: list[str | None] = []
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         header = self.headers.get("Range")
         type(self).ranges.append(header)
         start = int(header[6:].split("-")[0]) if header and self.honour_range else 0
@@ -78,4 +78,6 @@ def test_interrupted_download_resumes_or_restarts(server: str, tmp_path: Path, h
     assert got.sha256 == hashlib.sha256(BODY).hexdigest()
     assert got.path.read_bytes() == BODY
     assert not part.exists()
-    assert Handler.ranges[0] is None and Handler.ranges[1] is not None and Handler.ranges[1].startswith("bytes=")
+    assert (
+        Handler.ranges[0] is None and Handler.ranges[1] is not None and Handler.ranges[1].startswith("bytes=")
+    )

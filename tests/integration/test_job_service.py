@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +43,9 @@ def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> Settings:
         "GENQ_API_BASE_URL": API,
         "GENQ_API_KEY": "k",
         "GENQ_DOWNLOAD_DIR": str(tmp_path / "dl"),
-        "GENQ_POLL_IMAGE": '{"first_delay": 2, "interval": 2, "max_interval": 4, "deadline": 30, "jitter": 0}',
+        "GENQ_POLL_IMAGE": json.dumps(
+            {"first_delay": 2, "interval": 2, "max_interval": 4, "deadline": 30, "jitter": 0}
+        ),
         "GENQ_POLL_MAX_ERRORS": "3",
     }
     with environment(env):
@@ -58,7 +61,9 @@ def clock() -> Clock:
 def service(settings: Settings, clock: Clock) -> Iterator[JobService]:
     ledger = Ledger(redis_client(settings), clock=clock)
     api = UpstreamClient(API, settings.api.key)
-    yield JobService(settings, ledger, api, requests.Session(), clock, random.Random(1), WorkflowService(ledger))
+    yield JobService(
+        settings, ledger, api, requests.Session(), clock, random.Random(1), WorkflowService(ledger)
+    )
 
 
 @pytest.fixture
@@ -82,7 +87,9 @@ def _state(service: JobService, job_id: str = "j1") -> JobState:
     return record.state
 
 
-def test_submit_then_duplicate_submit_makes_one_post(service: JobService, upstream: responses.RequestsMock) -> None:
+def test_submit_then_duplicate_submit_makes_one_post(
+    service: JobService, upstream: responses.RequestsMock
+) -> None:
     post = upstream.post(f"{API}/images/generation", json={"result": {"jobId": "up1", "status": "created"}})
     _job(service)
 
@@ -176,7 +183,9 @@ def test_poll_success_leads_to_downloads_and_finalize(
     assert len(upstream.calls) == 2 + 2  # POST, GET status, 2 files
 
 
-def test_poll_failed_records_the_upstream_reason(service: JobService, upstream: responses.RequestsMock) -> None:
+def test_poll_failed_records_the_upstream_reason(
+    service: JobService, upstream: responses.RequestsMock
+) -> None:
     _submitted(service, upstream)
     _status(upstream, "failed", error="nsfw filter")
 

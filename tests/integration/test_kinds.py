@@ -158,6 +158,8 @@ def test_a_non_python_producer_enqueues_by_task_name(stack: Stack) -> None:
             break
         time.sleep(0.2)
     assert good.state is JobState.SUCCEEDED and len(good.outputs) == 2
-    assert bad.state is JobState.FAILED and "prompt" in (bad.error or "") and "num_images" in (bad.error or "")
+    assert (
+        bad.state is JobState.FAILED and "prompt" in (bad.error or "") and "num_images" in (bad.error or "")
+    )
     assert stack.sim.stats()["requests"]["POST /images/generation"] == 1
     client.close()

@@ -19,9 +19,7 @@ def ledger(redis_server: EmbeddedRedis) -> Ledger:
 
 
 def _create(ledger: Ledger, job_id: str = "j1", key: str | None = None) -> tuple[str, bool]:
-    created = ledger.create(
-        job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=2, idempotency_key=key
-    )
+    created = ledger.create(job_id, JobKind.IMAGE, {"prompt": "p"}, expected_outputs=2, idempotency_key=key)
     return created.id, created.created
 
 

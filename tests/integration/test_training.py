@@ -60,7 +60,9 @@ def test_failed_training_fails_its_parked_generations(stack: Stack) -> None:
     assert model.state is ModelState.FAILED and "simulated training failure" in (model.error or "")
     for record in records:
         assert record.state is JobState.FAILED
-        assert "model will-fail failed" in (record.error or "") and "simulated training failure" in (record.error or "")
+        assert "model will-fail failed" in (record.error or "") and "simulated training failure" in (
+            record.error or ""
+        )
     assert stack.sim.stats()["requests"].get("POST /images/generation", 0) == 0
 
 

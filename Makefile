@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format clean
+.PHONY: demo test chaos lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(VENV)/.installed-dev  ## the main job on embedded defaults: private Redi
 
 test: $(VENV)/.installed-dev  ## the whole suite (long chaos and scale runs excluded)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+chaos: $(VENV)/.installed-dev  ## the full chaos run: 500 jobs, kills, Redis crashes, upstream faults
+	$(BIN)/pytest tests/chaos -m slow -s $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

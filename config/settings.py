@@ -46,6 +46,9 @@ class ApiSettings(_Group):
     """Seconds to establish a connection."""
     read_timeout: float = Field(30.0, gt=0)
     """Seconds to wait for each response."""
+    submit_at_least_once: bool = False
+    """Retry a submit whose outcome is unknown (a timeout after sending, a worker dying mid-POST)
+    instead of ending it ``submit_unknown``: no job is stuck, but one may be paid for twice."""
 
     @field_validator("base_url")
     @classmethod

@@ -225,6 +225,17 @@ def cancel(job_id: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("job_id")
+def resubmit(job_id: str) -> None:
+    """Submit again a job that ended submit_unknown (check upstream first: this may pay twice)."""
+    producer = _producer()
+    if producer.resubmit(job_id):
+        click.echo(f"{job_id} pending again")
+    else:
+        _fail(f"job {job_id} is {producer.status(job_id).state.value}, not submit_unknown")
+
+
+@main.command()
 @click.argument("job_ids", nargs=-1)
 @click.option("--timeout", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per state change.")

@@ -43,13 +43,19 @@ class EmbeddedRedis:
     """A redis-server child process with AOF on and ``noeviction``, bound to 127.0.0.1."""
 
     def __init__(
-        self, port: int | None = None, data_dir: Path | None = None, *, password: str | None = None
+        self,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        *,
+        password: str | None = None,
+        appendfsync: str = "everysec",
     ) -> None:
         self.binary = find_redis_server()
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="genq-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.password = password
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +71,7 @@ class EmbeddedRedis:
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--maxmemory-policy", "noeviction",
             "--daemonize", "no",

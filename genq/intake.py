@@ -3,6 +3,7 @@ workflows, so every way in validates and records a job the same way."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -140,4 +141,21 @@ def cancel(ledger: Ledger, job_id: str) -> bool:
         ledger.transition(child, live, JobState.CANCELLED, error=f"workflow {job_id} cancelled")
     if moved.ok:
         ledger.drop_urls(job_id)
+    return moved.ok
+
+
+def resubmit(ledger: Ledger, job_id: str) -> bool:
+    """Deliberately try again a job that ended ``submit_unknown`` (an operator checked the upstream and
+    found no job). Returns False if the job is in another state."""
+    moved = ledger.transition(
+        job_id,
+        [JobState.SUBMIT_UNKNOWN],
+        JobState.PENDING,
+        submit_attempts=0,
+        error=None,
+        finished_at=None,
+        due_at=time.time(),
+    )
+    if moved.ok:
+        ledger.keep(job_id)
     return moved.ok

@@ -61,14 +61,13 @@ class JobService:
             due_at=now + self._submit_window(),
         )
         if not moved.ok:
-            self._submit_found(rec)
-            return []
+            return self._submit_found(rec)
         try:
             upstream = self.api.trigger(rec.kind, rec.request)
         except Throttled as exc:
             return self._submit_retry(rec, exc, counted=False)
         except UpstreamUnavailable as exc:
-            if exc.ambiguous:
+            if exc.ambiguous and not self.settings.api.submit_at_least_once:
                 return self._end(
                     rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(str(exc))
                 )
@@ -130,16 +129,22 @@ class JobService:
         log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, delay)
         return [] if held else [SubmitLater(rec.id, delay)]
 
-    def _submit_found(self, rec: JobRecord) -> None:
+    def _submit_found(self, rec: JobRecord) -> list[Action]:
         """A submit delivered for a job that is not pending: a duplicate, or a crash mid-POST."""
         current = self.ledger.get(rec.id)
         if current is None or current.state is not JobState.SUBMITTING:
-            return
+            return []
         if self.clock() - current.updated_at < self._submit_window():
-            return  # another delivery is making the POST right now
+            return []  # another delivery is making the POST right now
         # The worker that moved it to submitting died before recording an answer. The POST may have
-        # been made and paid for; repeating it could pay twice, so stop and say so.
-        self._end(
+        # been made and paid for; repeating it could pay twice, so stop and say so (unless the
+        # settings accept paying twice over losing a job).
+        if self.settings.api.submit_at_least_once:
+            moved = self.ledger.transition(
+                rec.id, [JobState.SUBMITTING], JobState.PENDING, error="submit interrupted; retrying"
+            )
+            return [SubmitLater(rec.id, 0.0)] if moved.ok else []
+        return self._end(
             current,
             JobState.SUBMIT_UNKNOWN,
             [JobState.SUBMITTING],
@@ -420,5 +425,6 @@ class JobService:
 def _unknown_reason(detail: str) -> str:
     return (
         f"submit outcome unknown ({detail}); the upstream may or may not have started the job. "
-        "Not retried automatically, so it is never paid twice: check upstream, then `genq resubmit` if needed"
+        "Not retried automatically, so it is never paid twice: "
+        "check upstream, then `genq resubmit ID` if needed"
     )

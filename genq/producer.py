@@ -237,6 +237,15 @@ class Producer:
             if watched is not None and not open_jobs:
                 return
 
+    def resubmit(self, job_id: str) -> bool:
+        """Submit again a job that ended ``submit_unknown``, after checking upstream that it never
+        started: the one deliberate way to risk a second paid POST. False for any other state."""
+        self.status(job_id)
+        if not intake.resubmit(self.ledger, job_id):
+            return False
+        self._send(job_id)
+        return True
+
     def cancel(self, job_id: str) -> bool:
         """Stop a job: it ends ``cancelled`` and later poll deliveries do nothing. A workflow step cancels
         its workflow. Returns False if the job had already ended."""

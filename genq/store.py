@@ -285,6 +285,10 @@ class Ledger:
         )
         return int(remaining)
 
+    def keep(self, job_id: str) -> None:
+        """Cancel the expiry a terminal state started (a job brought back by an operator)."""
+        self.redis.persist(keys.job(job_id))
+
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Write fields without a state change; only for facts that must not be lost (an upstream id)."""
         self.redis.hset(keys.job(job_id), mapping={k: to_field(v) for k, v in fields.items()})

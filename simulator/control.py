@@ -79,6 +79,14 @@ async def control_job(request: web.Request) -> web.StreamResponse:
     return web.json_response(truth)
 
 
+async def control_jobs(request: web.Request) -> web.StreamResponse:
+    """Every job created, with its kind and request body: lets a test attribute each upstream job
+    (and so each paid POST) to the request that made it."""
+    state = state_of(request)
+    jobs = [{"jobId": j.job_id, "kind": j.kind, "request": j.request} for j in state.jobs.values()]
+    return web.json_response({"jobs": jobs})
+
+
 async def control_reset(request: web.Request) -> web.StreamResponse:
     state_of(request).stats.reset()
     return web.json_response({"ok": True})
@@ -92,6 +100,7 @@ def add_control_routes(app: web.Application) -> None:
     app.router.add_get("/_sim/stats", control_stats)
     app.router.add_get("/_sim/config", control_get_config)
     app.router.add_post("/_sim/config", control_set_config)
+    app.router.add_get("/_sim/jobs", control_jobs)
     app.router.add_get("/_sim/jobs/{job_id}", control_job)
     app.router.add_post("/_sim/reset", control_reset)
     app.router.add_get("/_sim/health", control_health)

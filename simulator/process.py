@@ -71,6 +71,11 @@ class SimulatorProcess:
         truth: dict[str, Any] = self._control("GET", f"/_sim/jobs/{job_id}")
         return truth
 
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job the simulator created: ``jobId``, ``kind`` and the request body."""
+        result: list[dict[str, Any]] = self._control("GET", "/_sim/jobs")["jobs"]
+        return result
+
     def reset_stats(self) -> None:
         self._control("POST", "/_sim/reset")
 

@@ -271,3 +271,37 @@ def test_refused_download_fails_the_job_and_leaves_no_file(
     record = service.ledger.get("j1")
     assert record is not None and record.state is JobState.FAILED and "content type" in (record.error or "")
     assert [p for p in settings.download.dir.rglob("*") if p.is_file()] == []
+
+
+def test_resubmit_is_the_deliberate_way_out_of_submit_unknown(
+    service: JobService, upstream: responses.RequestsMock
+) -> None:
+    from genq.intake import resubmit
+
+    post = upstream.post(f"{API}/images/generation", body=requests.ReadTimeout("slow"))
+    _job(service)
+    service.submit("j1")
+    assert _state(service) is JobState.SUBMIT_UNKNOWN
+    assert resubmit(service.ledger, "j1") is True
+    assert resubmit(service.ledger, "j1") is False  # only from submit_unknown
+    upstream.replace(responses.POST, f"{API}/images/generation", json={"jobId": "up2"})
+
+    assert service.submit("j1") == [PollLater("j1", 1, 2.0)]
+    record = service.ledger.get("j1")
+    assert record is not None and record.state is JobState.SUBMITTED and record.upstream_id == "up2"
+    assert record.finished_at is None and record.error is None
+    assert post.call_count == 1
+
+
+def test_at_least_once_setting_retries_an_interrupted_submit(
+    settings: Settings, service: JobService, upstream: responses.RequestsMock, clock: Clock
+) -> None:
+    service.settings = settings.model_copy(
+        update={"api": settings.api.model_copy(update={"submit_at_least_once": True})}
+    )
+    _job(service)
+    service.ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTING)  # a crashed worker's step
+    clock.now += 120
+
+    assert service.submit("j1") == [SubmitLater("j1", 0.0)]
+    assert _state(service) is JobState.PENDING

@@ -1,0 +1,58 @@
+"""The chaos suite. `make test` runs the short version; `make chaos` the full one (marked slow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from simulator import SimConfig
+from tests.chaos.harness import Chaos, Figures, Plan
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.integration
+ARTIFACTS = Path(os.environ.get("GENQ_ARTIFACTS", "test-artifacts"))
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(api_key="test-key-0d9f", images_per_job=1, seed=11)
+
+
+def _check(figures: Figures) -> None:
+    assert figures.lost == 0, figures.line()
+    assert figures.terminal == figures.accepted, figures.line()
+    assert figures.failed_without_reason == 0, figures.line()
+    assert figures.max_posts_per_job <= 1, figures.line()
+    assert figures.sha_mismatches == 0, figures.line()
+    assert figures.partial_files == 0, figures.line()
+    assert figures.max_rate_1s <= figures.rate_limit, figures.line()
+    assert figures.succeeded > figures.accepted // 2, figures.line()
+
+
+def _run(stack: Stack, plan: Plan, name: str) -> Figures:
+    chaos = Chaos(stack, plan)
+    figures = chaos.run()
+    chaos.write(ARTIFACTS / f"{name}.json")
+    print("\n" + figures.line())
+    return figures
+
+
+def test_chaos_short(stack: Stack) -> None:
+    """~100 jobs, one worker kill, one Redis crash, 10% 5xx, 429 bursts, slow spells."""
+    figures = _run(
+        stack, Plan(jobs=100, kill_every=6, kills=2, redis_restarts=1, submit_seconds=15), "chaos-short"
+    )
+    _check(figures)
+    assert figures.kills + figures.child_kills >= 1 and figures.redis_restarts == 1
+
+
+@pytest.mark.slow
+def test_chaos_full(stack: Stack) -> None:
+    """500 jobs of mixed kinds, a kill every few seconds, two Redis crashes."""
+    figures = _run(
+        stack, Plan(jobs=500, kill_every=4, kills=30, redis_restarts=2, submit_seconds=90), "chaos-full"
+    )
+    _check(figures)
+    assert figures.redis_restarts == 2

@@ -10,11 +10,12 @@ Settings are built by :func:`get_settings` (a factory) and never mutated after t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -25,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "GENQ_"
@@ -133,8 +134,31 @@ class DownloadSettings(_Group):
     """Read size while streaming, in bytes: the memory a download holds."""
     allow_http: bool = False
     """Allow plain http:// output URLs (the local simulator); https:// only otherwise."""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    """When set, output URLs must be on one of these hosts (``cdn.example.com``, ``*.example.com``);
+    comma-separated in the environment."""
+    allow_private: bool = False
+    """Allow loopback, private and link-local addresses (local development with the simulator only)."""
+    allowed_networks: Annotated[list[str], NoDecode] = []
+    """CIDRs allowed although private (an internal file host), comma-separated."""
+    max_redirects: int = Field(3, ge=0, le=10)
+    """Redirects followed per file, each hop checked like the first; 0 refuses redirects."""
     max_attempts: int = Field(5, ge=1)
     """Tries per file on transient errors before the job ends ``failed``."""
+
+    @field_validator("allowed_hosts", "allowed_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr)  # ValueError names the bad entry
+        return value
 
 
 class LimitSettings(_Group):

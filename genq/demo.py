@@ -65,7 +65,13 @@ def demo_environment(
                     )
                 )
             )
-            env.update(GENQ_API_BASE_URL=sim.url, GENQ_API_KEY=sim.api_key, GENQ_DOWNLOAD_ALLOW_HTTP="true")
+            # The simulator serves its files over plain http from 127.0.0.1: allowed for this run only.
+            env.update(
+                GENQ_API_BASE_URL=sim.url,
+                GENQ_API_KEY=sim.api_key,
+                GENQ_DOWNLOAD_ALLOW_HTTP="true",
+                GENQ_DOWNLOAD_ALLOW_PRIVATE="true",
+            )
             for kind in ("IMAGE", "UPSCALE", "VIDEO"):
                 env.setdefault(f"GENQ_POLL_{kind}", DEMO_POLL)
             env.setdefault("GENQ_POLL_MODEL", DEMO_MODEL_POLL)

@@ -1,25 +1,32 @@
 """Safe streaming downloads of job outputs.
 
-The URL comes from the upstream's job payload, so it is untrusted: the scheme is checked, redirects
-are not followed, the size is capped on the decoded bytes, the whole transfer has a wall-clock limit,
-and the file appears at its final path only complete (written to a temp file, fsynced, renamed).
-The file name is ours (``<index>.<ext>``), never the remote id. The API key is never sent here.
+The URL comes from the upstream's job payload, so it is untrusted: scheme, host and the address
+actually connected to are checked by :mod:`genq.netguard` (on every redirect hop too), the size is
+capped on the decoded bytes, the whole transfer has a wall-clock limit, and the file appears at its
+final path only complete (written to a temp file, fsynced, renamed). The file name is ours
+(``<index>.<ext>``), never the remote id. The API key is never sent here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
+import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
 import requests
 
+from genq import netguard
 from genq.errors import DownloadRefused, UpstreamUnavailable
+from genq.netguard import NetPolicy, redact_url
+
+__all__ = ["Busy", "DownloadRules", "Downloaded", "check_url", "fetch", "redact_url"]
 
 EXTENSIONS: dict[str, str] = {
     "image/png": ".png",
@@ -39,7 +46,7 @@ class DownloadRules:
     max_bytes: int
     timeout: float  # wall-clock seconds for the whole file
     chunk_bytes: int = 256 * 1024
-    allow_http: bool = False
+    net: NetPolicy = field(default_factory=NetPolicy)  # scheme, hosts, addresses, redirects allowed
     connect_timeout: float = 5.0
     read_timeout: float = 30.0  # seconds without a byte before giving up
 
@@ -52,27 +59,9 @@ class Downloaded:
     content_type: str
 
 
-def redact_url(url: str) -> str:
-    """The URL without query or fragment (presigned URLs carry tokens there)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(unparseable URL)"
-    host = parts.netloc.rpartition("@")[2]  # keeps IPv6 brackets and the port; drops credentials
-    return f"{parts.scheme}://{host}{parts.path}"
-
-
 def check_url(url: str, rules: DownloadRules) -> None:
-    """Refuse schemes other than https (and http when allowed)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError for a bad port)
-    except ValueError:
-        raise DownloadRefused(f"malformed URL {redact_url(url)}") from None
-    scheme = parts.scheme.lower()
-    allowed = {"https", "http"} if rules.allow_http else {"https"}
-    if scheme not in allowed:
-        raise DownloadRefused(f"scheme {scheme or '(none)'!r} not allowed for {redact_url(url)}")
+    """Refuse what may not be fetched, from the URL text alone (see :func:`genq.netguard.check_url`)."""
+    netguard.check_url(url, rules.net)
 
 
 class Busy(Exception):
@@ -115,10 +104,11 @@ def _fetch_into(
     # Ranges over compressed encodings are ill-defined, so a resumed request asks for identity.
     headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
     try:
-        response = session.get(
+        response = netguard.safe_get(
+            session,
             url,
+            rules.net,
             stream=True,
-            allow_redirects=False,
             headers=headers,
             timeout=(rules.connect_timeout, rules.read_timeout),
         )
@@ -160,6 +150,14 @@ def _content_type(response: requests.Response) -> str:
     return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
 
+def _cut(response: requests.Response) -> None:
+    """Shut the socket under a download so its blocked read returns at once."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    with contextlib.suppress(OSError):
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def _range_start(response: requests.Response) -> int | None:
     """The first byte of a 206 answer, from ``Content-Range: bytes START-END/TOTAL``."""
     value = response.headers.get("Content-Range", "")
@@ -183,6 +181,12 @@ def _stream(
     if expected is not None and expected > rules.max_bytes:
         raise DownloadRefused(f"download {shown}: {expected} bytes exceeds the {rules.max_bytes}-byte cap")
     size = have
+    limit = f"download {shown}: exceeded the {rules.timeout:.0f}s limit"
+    # A server dripping a byte at a time never trips the per-read timeout, and a read waits for a
+    # whole chunk: only cutting the connection from outside bounds the wall-clock time.
+    watchdog = threading.Timer(max(0.0, rules.timeout - (time.monotonic() - started)), _cut, (response,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         # iter_content decodes Content-Encoding, so the cap counts the bytes that reach the disk.
         for chunk in response.iter_content(chunk_size=rules.chunk_bytes):
@@ -190,14 +194,18 @@ def _stream(
             if size > rules.max_bytes:
                 raise DownloadRefused(f"download {shown}: more than the {rules.max_bytes}-byte cap")
             if time.monotonic() - started > rules.timeout:
-                raise DownloadRefused(f"download {shown}: exceeded the {rules.timeout:.0f}s limit")
+                raise DownloadRefused(limit)
             digest.update(chunk)
             out.write(chunk)
-    except requests.RequestException as exc:
+    except (requests.RequestException, OSError, ValueError) as exc:
         out.flush()
+        if time.monotonic() - started >= rules.timeout:
+            raise DownloadRefused(limit) from None
         raise UpstreamUnavailable(
             f"download {shown}: interrupted after {size} bytes ({type(exc).__name__})"
         ) from None
+    finally:
+        watchdog.cancel()
     out.flush()
     os.fsync(out.fileno())
     if expected is not None and size != expected and "Content-Encoding" not in response.headers:

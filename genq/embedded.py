@@ -49,6 +49,7 @@ class EmbeddedRedis:
         *,
         password: str | None = None,
         appendfsync: str = "everysec",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.binary = find_redis_server()
         self.port = port or free_port()
@@ -56,6 +57,7 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.password = password
         self.appendfsync = appendfsync
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,9 +81,10 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5)
         try:
             while True:
                 if self.process.poll() is not None:

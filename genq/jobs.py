@@ -22,6 +22,7 @@ from genq.actions import Action, Download, Finalize, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
+from genq.netguard import NetPolicy
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
 from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
@@ -377,7 +378,7 @@ class JobService:
     def download_rules(self) -> downloads.DownloadRules:
         d = self.settings.download
         return downloads.DownloadRules(
-            max_bytes=d.max_bytes, timeout=d.timeout, chunk_bytes=d.chunk_bytes, allow_http=d.allow_http
+            max_bytes=d.max_bytes, timeout=d.timeout, chunk_bytes=d.chunk_bytes, net=net_policy(self.settings)
         )
 
     def _end(
@@ -420,6 +421,18 @@ class JobService:
     def fail_parked(self, job_id: str, reason: str) -> list[Action]:
         rec = self.ledger.get(job_id)
         return self._end(rec, JobState.FAILED, [JobState.PARKED], reason) if rec else []
+
+
+def net_policy(settings: Settings) -> NetPolicy:
+    """Where output files may be fetched from."""
+    d = settings.download
+    return NetPolicy(
+        allow_http=d.allow_http,
+        allowed_hosts=tuple(d.allowed_hosts),
+        allow_private=d.allow_private,
+        allowed_networks=tuple(d.allowed_networks),
+        max_redirects=d.max_redirects,
+    )
 
 
 def _unknown_reason(detail: str) -> str:

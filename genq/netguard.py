@@ -25,7 +25,6 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.poolmanager import PoolManager
 from urllib3.util.connection import allowed_gai_family
 
-from genq.downloads import redact_url
 from genq.errors import DownloadRefused
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -58,6 +57,16 @@ class NetPolicy:
                 raise ValueError(f"allowed host {pattern!r}: only a leading '*.' wildcard is supported")
         if self.max_redirects < 0:
             raise ValueError("max_redirects must be >= 0")
+
+
+def redact_url(url: str) -> str:
+    """The URL without query or fragment (presigned URLs carry tokens there) or credentials."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.netloc.rpartition("@")[2]  # keeps IPv6 brackets and the port; drops credentials
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def _shown(url: str) -> str:

@@ -71,7 +71,7 @@ class Producer:
     def submit_image(self, prompt: str, *, idempotency_key: str | None = None, **options: Any) -> JobHandle:
         """Generate images. Options: ``num_images`` (1-8), ``width``/``height`` (64-2048, multiples of 8),
         ``seed``, ``negative_prompt``, ``model_id`` (a job naming a model still training waits for it)."""
-        return self.submit({"kind": "image", "prompt": prompt, **options}, idempotency_key)
+        return self.submit(_request("image", options, prompt=prompt), idempotency_key)
 
     def submit_upscale(
         self,
@@ -87,16 +87,16 @@ class Producer:
         genqueue job (``source_job``, which must have succeeded). Options: ``factor`` (2 or 4)."""
         if source_job is not None:
             image_id = self._output_id(source_job, index)
-        data = {"kind": "upscale", "image_id": image_id, "image_url": image_url, **options}
-        return self.submit({k: v for k, v in data.items() if v is not None}, idempotency_key)
+        fixed = {k: v for k, v in (("image_id", image_id), ("image_url", image_url)) if v is not None}
+        return self.submit(_request("upscale", options, **fixed), idempotency_key)
 
     def submit_video(
         self, prompt: str | None = None, *, idempotency_key: str | None = None, **options: Any
     ) -> JobHandle:
         """Generate a video from a prompt and/or a source image (``image_id`` or ``image_url``).
         Options: ``duration`` (seconds, up to 60), ``seed``, ``negative_prompt``, ``model_id``."""
-        data = {"kind": "video", **({"prompt": prompt} if prompt is not None else {}), **options}
-        return self.submit(data, idempotency_key)
+        fixed = {"prompt": prompt} if prompt is not None else {}
+        return self.submit(_request("video", options, **fixed), idempotency_key)
 
     def submit_workflow(
         self,
@@ -107,7 +107,8 @@ class Producer:
         **image_options: Any,
     ) -> JobHandle:
         """Generate images, then upscale every one: one id to follow; each step is its own linked job."""
-        generate = {"prompt": prompt, **image_options}
+        generate = _request("image", image_options, prompt=prompt)
+        del generate["kind"]
         return self.submit(
             {"kind": "workflow", "generate": generate, "upscale_factor": upscale_factor}, idempotency_key
         )
@@ -251,6 +252,14 @@ class Producer:
         its workflow. Returns False if the job had already ended."""
         self.status(job_id)
         return intake.cancel(self.ledger, job_id)
+
+
+def _request(kind: str, options: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    """A request dict; an option may not override the kind or an argument given by name."""
+    clash = sorted(set(options) & {"kind", *fixed})
+    if clash:
+        raise InvalidRequest(f"invalid request: {', '.join(clash)}: not an option here")
+    return {**options, **fixed, "kind": kind}
 
 
 def _names(value: str | Iterable[str], enum: type[JobState] | type[JobKind]) -> list[str]:

@@ -7,15 +7,15 @@ import time
 from dataclasses import dataclass
 
 import redis
-import requests
 
 from config.settings import Settings
 from genq import keys
 from genq.actions import Action
 from genq.api import UpstreamClient
-from genq.jobs import JobService
+from genq.jobs import JobService, net_policy
 from genq.limits import Limits, UpstreamLimiter
 from genq.model_store import ModelLedger
+from genq.netguard import guarded_session
 from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
@@ -72,8 +72,9 @@ class Services:
             read_timeout=settings.api.read_timeout,
             limiter=limiter,
         )
-        # A separate session for output files: the API key must never be sent to a file host.
-        files = requests.Session()
+        # A separate session for output files: the API key must never be sent to a file host, and
+        # every connection it makes is checked against the SSRF policy on the address it connects to.
+        files = guarded_session(net_policy(settings))
         rng = random.Random()
         jobs = JobService(settings, ledger, api, files, time.time, rng, WorkflowService(ledger))
         models = ModelLedger(client, grace=settings.worker.sweep_grace)

@@ -126,6 +126,7 @@ def stack(redis_server: EmbeddedRedis, simulator: SimulatorProcess, tmp_path: Pa
         "GENQ_API_KEY": simulator.api_key,
         "GENQ_DOWNLOAD_DIR": str(tmp_path / "downloads"),
         "GENQ_DOWNLOAD_ALLOW_HTTP": "true",
+        "GENQ_DOWNLOAD_ALLOW_PRIVATE": "true",  # the simulator serves files from 127.0.0.1
         "GENQ_POLL_IMAGE": FAST_POLL,
         "GENQ_POLL_ERROR_BACKOFF": "0.2",
         "GENQ_WORKER_SWEEP_INTERVAL": "0.5",

@@ -16,6 +16,7 @@ from responses import matchers
 
 from genq.downloads import Busy, DownloadRules, check_url, fetch, redact_url
 from genq.errors import DownloadRefused, GenqError, UpstreamUnavailable
+from genq.netguard import NetPolicy
 
 TOKEN = "TOKEN-SECRET-9"
 PLAIN = "https://cdn.example.test/out/img-1.png"
@@ -361,7 +362,7 @@ def test_redirect_is_not_followed(
     mock.get("http://169.254.169.254/latest/meta-data/", body=b"secret", content_type="image/png")
     exc = _refused(lambda: fetch(session, URL, dest, "00", RULES, "image"))
     assert isinstance(exc, DownloadRefused)
-    assert "redirect 302 not followed" in str(exc)
+    assert "redirect 302 beyond the limit of 0" in str(exc)
     assert len(mock.calls) == 1
     assert _files(dest) == []
 
@@ -434,7 +435,7 @@ def test_schemes_refused_without_a_request(
     session: requests.Session, mock: responses.RequestsMock, dest: Path, url: str
 ) -> None:
     for allow_http in (False, True):
-        rules = DownloadRules(max_bytes=1000, timeout=5.0, allow_http=allow_http)
+        rules = DownloadRules(max_bytes=1000, timeout=5.0, net=NetPolicy(allow_http=allow_http))
         exc = _refused(lambda rules=rules: fetch(session, url, dest, "00", rules, "image"))
         assert isinstance(exc, DownloadRefused)
         assert "not allowed" in str(exc)
@@ -453,7 +454,9 @@ def test_http_refused_unless_allowed(
     assert "'http'" in str(exc)
     assert len(mock.calls) == 0
 
-    lenient = DownloadRules(max_bytes=1_000_000, timeout=5.0, allow_http=True)
+    lenient = DownloadRules(
+        max_bytes=1_000_000, timeout=5.0, net=NetPolicy(allow_http=True, allow_private=True)
+    )
     got = fetch(session, f"{plain_http}?token={TOKEN}", dest, "00", lenient, "image")
     assert got.path == dest / "00.png"
     assert got.sha256 == hashlib.sha256(PNG).hexdigest()

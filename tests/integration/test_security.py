@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import redis
-import requests
 import responses
 
 from config.settings import Settings
+from genq.api import UpstreamClient
 from genq.downloads import DownloadRules, fetch
 from genq.embedded import EmbeddedRedis
 from genq.errors import DownloadRefused
@@ -26,7 +26,6 @@ from genq.models import JobKind, JobState
 from genq.netguard import NetPolicy, guarded_session
 from genq.services import ledger_for, redis_client
 from genq.workflows import WorkflowService
-from genq.api import UpstreamClient
 from simulator import SimConfig
 from tests.conftest import Stack, environment, wait_all
 
@@ -111,7 +110,7 @@ def test_remote_ids_never_name_files(service: JobService, remote_id: str) -> Non
         mock.get("https://cdn.example.com/x.png", body=PNG, content_type="image/png")
         service.download(job_id, 0, 0)
     record = service.ledger.get(job_id)
-    assert record is not None and record.state is JobState.DOWNLOADING or record.state is JobState.DOWNLOADING
+    assert record is not None and record.state is JobState.DOWNLOADING  # finalize comes next
     (out,) = record.outputs
     assert Path(out.path) == service.settings.download.dir / job_id / "00.png"
     assert out.remote_id == remote_id  # kept as data, never as a path
@@ -135,7 +134,7 @@ BOMB = _gzip_bomb(50)
 class Hostile(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.startswith("/bomb"):
             body = BOMB  # 50 MB of zeros in ~50 KB
             self.send_response(200)

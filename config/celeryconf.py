@@ -23,6 +23,7 @@ TASK_QUEUES: dict[str, str] = {
     "genq.train": TRAINING,
     "genq.poll_model": TRAINING,
     "genq.sweep": POLL,
+    "genq.callback": DOWNLOAD,
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""
 
@@ -63,6 +64,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "genq.poll": {"time_limit": api_call + 10, "soft_time_limit": api_call},
             "genq.finalize": {"time_limit": 60, "soft_time_limit": 50},
             "genq.sweep": {"time_limit": 120, "soft_time_limit": 110},
+            "genq.callback": {
+                "time_limit": 2 * int(settings.callbacks.timeout) + 30,
+                "soft_time_limit": 2 * int(settings.callbacks.timeout) + 20,
+            },
         },
         "task_queues": [Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         "task_default_queue": POLL,

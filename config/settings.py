@@ -15,7 +15,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "GENQ_"
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _check_cidrs(value: list[str]) -> list[str]:
+    for cidr in value:
+        ipaddress.ip_network(cidr)  # ValueError names the bad entry
+    return value
 
 
 class _Group(BaseModel):
@@ -149,16 +161,12 @@ class DownloadSettings(_Group):
     @field_validator("allowed_hosts", "allowed_networks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
+        return _split_commas(value)
 
     @field_validator("allowed_networks")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            ipaddress.ip_network(cidr)  # ValueError names the bad entry
-        return value
+        return _check_cidrs(value)
 
 
 class LimitSettings(_Group):
@@ -174,6 +182,37 @@ class LimitSettings(_Group):
     """Requests per second to /models/..."""
     max_concurrent: int = Field(0, ge=0)
     """Upstream requests in flight at once."""
+
+
+class CallbackSettings(_Group):
+    """Completion callbacks to producer apps (a Celery task by name, or a signed webhook)."""
+
+    secret: SecretStr = SecretStr("")
+    """HMAC-SHA256 key that signs every webhook; required to send webhooks."""
+    max_attempts: int = Field(6, ge=1)
+    """Delivery attempts before the job is marked callback_failed (the job keeps its own state)."""
+    backoff: float = Field(2.0, gt=0)
+    """First wait after a failed attempt, in seconds; doubles per attempt."""
+    timeout: float = Field(10.0, gt=0)
+    """Seconds to connect and to wait for the receiver's answer."""
+    allow_http: bool = False
+    """Allow plain http:// webhook URLs."""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    """When set, webhook URLs must be on one of these hosts; comma-separated."""
+    allow_private: bool = False
+    """Allow webhooks to loopback and private addresses (local development only)."""
+    allowed_networks: Annotated[list[str], NoDecode] = []
+    """CIDRs of internal receivers allowed although private, comma-separated."""
+
+    @field_validator("allowed_hosts", "allowed_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        return _check_cidrs(value)
 
 
 class WorkerSettings(_Group):
@@ -205,6 +244,49 @@ class WorkerSettings(_Group):
         return self
 
 
+class FlowerSettings(_Group):
+    """``genq flower``, the monitoring UI. It refuses to start without ``basic_auth`` unless it is run
+    ``--local-only`` (loopback, no auth)."""
+
+    basic_auth: SecretStr = SecretStr("")
+    """``user:password``, several comma-separated. No default: a secret."""
+    address: str = "127.0.0.1"
+    """Address to listen on; loopback unless it must be reached from elsewhere (a container)."""
+    port: int = Field(5555, ge=0, le=65535)
+    """Port to listen on (0: any free port)."""
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _user_password(cls, value: SecretStr) -> SecretStr:
+        # The message must not echo the value: it is a password.
+        for entry in filter(None, value.get_secret_value().split(",")):
+            user, _, password = entry.partition(":")
+            if not user or not password:
+                raise ValueError("must be user:password (comma-separated for several), both non-empty")
+        return value
+
+    @property
+    def credentials(self) -> list[str]:
+        return [e for e in self.basic_auth.get_secret_value().split(",") if e]
+
+
+class MetricsSettings(_Group):
+    """``genq metrics``, the Prometheus exporter."""
+
+    address: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(9818, ge=0, le=65535)
+    """Port to listen on (0: any free port)."""
+
+
+class LogSettings(_Group):
+    """Log output of every genqueue process."""
+
+    format: Literal["text", "json"] = "text"
+    """``text``: Celery's human-readable lines; ``json``: one JSON object per line, each with the task
+    name and the job id it was logged under."""
+
+
 class Settings(BaseSettings):
     """Everything genqueue reads from its environment."""
 
@@ -224,7 +306,11 @@ class Settings(BaseSettings):
     poll: PollSettings = PollSettings()
     download: DownloadSettings = DownloadSettings()
     limits: LimitSettings = LimitSettings()
+    callbacks: CallbackSettings = CallbackSettings()
     worker: WorkerSettings = WorkerSettings()
+    flower: FlowerSettings = FlowerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
 
     @model_validator(mode="after")
     def _visibility_covers_waits(self) -> Settings:

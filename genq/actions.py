@@ -44,4 +44,12 @@ class PollModelLater:
     delay: float
 
 
-Action = SubmitLater | PollLater | Download | Finalize | TrainLater | PollModelLater
+@dataclass(frozen=True)
+class Notify:
+    """Deliver the job's completion callback."""
+
+    job_id: str
+    delay: float = 0.0
+
+
+Action = SubmitLater | PollLater | Download | Finalize | TrainLater | PollModelLater | Notify

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from config.settings import Settings
+from genq.callbacks import check_callback
 from genq.errors import InvalidRequest
 from genq.models import (
     REQUEST_ADAPTER,
@@ -80,6 +82,7 @@ def accept(
         idempotency_key=idempotency_key,
         model_id=request.model_id,
         parent_id=parent_id,
+        callback=request.callback.model_dump() if request.callback else None,
     )
     ready = [created.id] if created.state is JobState.PENDING else []
     return Accepted(created.id, created.created, created.state, ready)
@@ -91,9 +94,10 @@ def _accept_workflow(
     created = ledger.create(
         job_id,
         JobKind.WORKFLOW,
-        request.model_dump(mode="json", exclude_none=True),
+        request.model_dump(mode="json", exclude_none=True, exclude={"callback"}),
         expected_outputs=request.expected_outputs,
         idempotency_key=idempotency_key,
+        callback=request.callback.model_dump() if request.callback else None,
     )
     if not created.created:
         return Accepted(created.id, False, None)
@@ -103,7 +107,7 @@ def _accept_workflow(
     return Accepted(job_id, True, JobState.RUNNING, step.to_submit)
 
 
-def intake(ledger: Ledger, payload: Any, request_id: str) -> list[str]:
+def intake(ledger: Ledger, payload: Any, request_id: str, settings: Settings) -> list[str]:
     """The by-name intake task's step, for producers in other languages: validate, record, and return
     the jobs to submit. The job id is :func:`job_id_for` the request id, so a resent request is one
     job, and a request that fails validation is recorded ``failed`` with the reason, never dropped."""
@@ -112,6 +116,7 @@ def intake(ledger: Ledger, payload: Any, request_id: str) -> list[str]:
         if not isinstance(payload, dict):
             raise InvalidRequest("invalid request: expected a JSON object")
         request = validate(payload)
+        check_callback(request.callback, settings)
     except InvalidRequest as exc:
         kind = str(payload.get("kind")) if isinstance(payload, dict) else ""
         created = ledger.create(

@@ -18,7 +18,7 @@ import requests
 
 from config.settings import PollPolicy, Settings
 from genq import downloads
-from genq.actions import Action, Download, Finalize, PollLater, SubmitLater
+from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
@@ -401,9 +401,12 @@ class JobService:
         return self._ended(rec.id)
 
     def _ended(self, job_id: str) -> list[Action]:
-        """A job reached a terminal state: let its workflow, if any, take the next step."""
+        """A job reached a terminal state: report it to its producer, or let its workflow go on."""
         rec = self.ledger.get(job_id)
-        return self.workflows.step_ended(rec) if rec is not None and rec.parent_id else []
+        if rec is None:
+            return []
+        notify: list[Action] = [Notify(job_id)] if rec.callback_state == "pending" else []
+        return notify + (self.workflows.step_ended(rec) if rec.parent_id else [])
 
     # ------------------------------------------------------------------ parked jobs and cancels
 

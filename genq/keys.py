@@ -10,6 +10,8 @@ JOBS = f"{PREFIX}:jobs"
 """Sorted set: every job id by creation time (listing)."""
 DUE = f"{PREFIX}:due"
 """Sorted set: every unfinished job id by the time its next step is due (the sweeper's index)."""
+CALLBACKS_DUE = f"{PREFIX}:callbacks:due"
+"""Sorted set: jobs whose completion callback is still to be delivered, by when it is due."""
 COUNTS = f"{PREFIX}:counts"
 """Hash: ``<kind>:<state>`` -> number of jobs in that state."""
 
@@ -19,6 +21,9 @@ MODELS_DUE = f"{PREFIX}:models:due"
 """Sorted set: models in training by the time their next step is due (the sweeper's index)."""
 SWEEP_LAST = f"{PREFIX}:sweep:last"
 """String: when the sweeper last ran (Unix time), for health checks."""
+METRICS = f"{PREFIX}:metrics"
+"""Hash: counters the workers add to and ``genq metrics`` exports (upstream latency buckets and
+errors, downloads, rate-limit waits); :mod:`genq.metrics` names the fields."""
 JOB_PREFIX = f"{PREFIX}:job:"
 MODEL_PREFIX = f"{PREFIX}:model:"
 

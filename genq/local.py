@@ -30,12 +30,13 @@ class WorkerProcess:
         name: str | None = None,
         extra_args: Sequence[str] = (),
         cwd: Path | None = None,
+        app: str = "workers",
     ) -> None:
         self.name = name or f"genq-{uuid.uuid4().hex[:8]}"
         self.hostname = f"{self.name}@%h"
         self.log_path = log_path
         self.args = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", ",".join(queues),
             "-c", str(concurrency),
             "-P", pool,

@@ -74,12 +74,33 @@ Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, m
 ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 
 
+class TaskCallback(BaseModel):
+    """When the job ends, send this Celery task by name with one argument: the job's public record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")]
+    queue: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")]
+
+
+class WebhookCallback(BaseModel):
+    """When the job ends, POST its public record here as JSON, signed with HMAC-SHA256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: Annotated[str, StringConstraints(pattern=r"^https?://\S{1,4000}$")]
+
+
+Callback = TaskCallback | WebhookCallback
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    callback: Callback | None = None
+    """Where to report the end of the job (not sent upstream)."""
+
     def upstream_body(self) -> dict[str, Any]:
         """The JSON body of the upstream trigger."""
-        return self.model_dump(exclude_none=True, exclude={"kind"})
+        return self.model_dump(exclude_none=True, exclude={"kind", "callback"})
 
 
 ImageId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")]
@@ -167,6 +188,12 @@ class WorkflowRequest(_Request):
     kind: Literal[JobKind.WORKFLOW] = JobKind.WORKFLOW
     generate: ImageRequest
     upscale_factor: Literal[2, 4] = 2
+
+    @model_validator(mode="after")
+    def _one_callback(self) -> WorkflowRequest:
+        if self.generate.callback is not None:
+            raise ValueError("a workflow calls back once, when it ends: give the callback on the workflow")
+        return self
 
     @property
     def expected_outputs(self) -> int:
@@ -287,6 +314,13 @@ class JobRecord(BaseModel):
     children: list[str] = Field(default_factory=list)
     """A workflow's steps, in order."""
     model_id: str | None = None
+    callback: dict[str, Any] | None = None
+    """Where the end of the job is reported (a task by name, or a webhook URL)."""
+    callback_state: str | None = None  # pending, delivered, failed
+    callback_id: str | None = None
+    """The delivery id: the same on every attempt, so a receiver can deduplicate."""
+    callback_attempts: int = 0
+    callback_error: str | None = None
     outputs: list[OutputFile] = Field(default_factory=list)
     finished_at: float | None = None
 
@@ -296,6 +330,7 @@ class JobRecord(BaseModel):
         data["request"] = json.loads(raw.get("request", "{}"))
         data["remote_ids"] = json.loads(raw.get("remote_ids") or "[]")
         data["children"] = json.loads(raw.get("children") or "[]")
+        data["callback"] = json.loads(raw["callback"]) if raw.get("callback") else None
         outputs = [json.loads(v) for k, v in sorted(raw.items()) if k.startswith("out:")]
         data["outputs"] = sorted(outputs, key=lambda o: o["index"])
         for key in (
@@ -307,6 +342,9 @@ class JobRecord(BaseModel):
             "error",
             "parent_id",
             "model_id",
+            "callback_state",
+            "callback_id",
+            "callback_error",
         ):
             if data.get(key) == "":
                 data[key] = None

@@ -24,6 +24,7 @@ from celery import Celery
 from config.celeryconf import TASK_QUEUES, celery_config
 from config.settings import Settings, get_settings
 from genq import intake
+from genq.callbacks import check_callback
 from genq.errors import GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
 from genq.model_store import ModelLedger
@@ -104,13 +105,16 @@ class Producer:
         *,
         upscale_factor: int = 2,
         idempotency_key: str | None = None,
+        callback: dict[str, Any] | None = None,
         **image_options: Any,
     ) -> JobHandle:
-        """Generate images, then upscale every one: one id to follow; each step is its own linked job."""
+        """Generate images, then upscale every one: one id to follow; each step is its own linked job.
+        The ``callback`` reports the whole workflow's end, once."""
         generate = _request("image", image_options, prompt=prompt)
         del generate["kind"]
+        workflow = {"kind": "workflow", "generate": generate, "upscale_factor": upscale_factor}
         return self.submit(
-            {"kind": "workflow", "generate": generate, "upscale_factor": upscale_factor}, idempotency_key
+            {**workflow, **({"callback": callback} if callback is not None else {})}, idempotency_key
         )
 
     def submit(self, request: dict[str, Any] | AnyRequest, idempotency_key: str | None = None) -> JobHandle:
@@ -121,6 +125,7 @@ class Producer:
             raise InvalidRequest("invalid request: idempotency_key: must be a string of 1 to 200 characters")
         if isinstance(request, dict):
             request = intake.validate(request)
+        check_callback(request.callback, self.settings)
         try:
             accepted = intake.accept(self.ledger, request, idempotency_key=idempotency_key)
         except redis.RedisError as exc:
@@ -250,8 +255,13 @@ class Producer:
     def cancel(self, job_id: str) -> bool:
         """Stop a job: it ends ``cancelled`` and later poll deliveries do nothing. A workflow step cancels
         its workflow. Returns False if the job had already ended."""
-        self.status(job_id)
-        return intake.cancel(self.ledger, job_id)
+        record = self.status(job_id)
+        cancelled = intake.cancel(self.ledger, job_id)
+        top = record.parent_id or job_id
+        if cancelled and self.status(top).callback_state == "pending":
+            # Report it now rather than at the next sweep.
+            self.celery.send_task("genq.callback", args=[top], queue=TASK_QUEUES["genq.callback"])
+        return cancelled
 
 
 def _request(kind: str, options: dict[str, Any], **fixed: Any) -> dict[str, Any]:

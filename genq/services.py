@@ -12,6 +12,7 @@ from config.settings import Settings
 from genq import keys
 from genq.actions import Action
 from genq.api import UpstreamClient
+from genq.callbacks import CallbackService, callback_policy
 from genq.jobs import JobService, net_policy
 from genq.limits import Limits, UpstreamLimiter
 from genq.model_store import ModelLedger
@@ -46,6 +47,7 @@ class Services:
     jobs: JobService
     training: TrainingService
     sweeper: Sweeper
+    callbacks: CallbackService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -80,7 +82,9 @@ class Services:
         models = ModelLedger(client, grace=settings.worker.sweep_grace)
         training = TrainingService(settings, models, api, jobs, time.time, rng)
         sweeper = Sweeper(ledger, models, jobs, time.time)
-        return cls(settings, client, ledger, api, jobs, training, sweeper)
+        receivers = guarded_session(callback_policy(settings))
+        callbacks = CallbackService(settings, ledger, receivers, time.time, rng)
+        return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks)
 
     def deliveries(self, task_id: str) -> int:
         """Count one more delivery of a task message; returns the count so far."""
@@ -100,4 +104,5 @@ class Services:
     def close(self) -> None:
         self.api.session.close()
         self.jobs.files.close()
+        self.callbacks.session.close()
         self.redis.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -23,8 +24,9 @@ KEEP: Final = object()
 """``due_at`` value: leave the job's due time as it is."""
 
 _TRANSITION = """
--- KEYS: job, events, due, counts
--- ARGV: id, from (comma list), to, now, expect_gen, due ('' keep, '-' drop, else score), ttl, fields...
+-- KEYS: job, events, due, counts, callbacks due
+-- ARGV: id, from (comma list), to, now, expect_gen, due ('' keep, '-' drop, else score), ttl,
+--       callback due score (used when the job ends and has a callback), fields...
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, '', 'missing'} end
 local allowed = false
@@ -34,7 +36,13 @@ if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'poll_gen') ~= ARGV[5] then ret
 local kind = redis.call('HGET', KEYS[1], 'kind')
 local parent = redis.call('HGET', KEYS[1], 'parent_id') or ''
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[4])
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[7] ~= '' and (redis.call('HGET', KEYS[1], 'callback') or '') ~= ''
+   and (redis.call('HGET', KEYS[1], 'callback_state') or '') == '' then
+  -- Recorded in the same step as the ending, so a crash right after cannot lose the callback.
+  redis.call('HSET', KEYS[1], 'callback_state', 'pending')
+  redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
+end
 if ARGV[6] == '-' then redis.call('ZREM', KEYS[3], ARGV[1])
 elseif ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
 if ARGV[7] ~= '' then
@@ -199,6 +207,7 @@ class Ledger:
         idempotency_key: str | None = None,
         model_id: str | None = None,
         parent_id: str | None = None,
+        callback: Mapping[str, Any] | None = None,
     ) -> Created:
         """Record a new job: ``pending``, or ``parked`` when ``model_id`` names a model still training.
         With an idempotency key seen before, nothing is written and the earlier job's id comes back."""
@@ -213,6 +222,8 @@ class Ledger:
             "poll_gen": 0,
             "model_id": model_id,
             "parent_id": parent_id,
+            "callback": dict(callback) if callback else None,
+            "callback_id": uuid.uuid4().hex if callback else None,
         }
         idem_key = keys.idempotency(idempotency_key) if idempotency_key else ""
         model_keys = [keys.model(model_id), keys.model_parked(model_id)] if model_id else ["", ""]
@@ -268,11 +279,12 @@ class Ledger:
             "" if expect_gen is None else str(expect_gen),
             due,
             self.job_ttl if to.terminal else "",
+            self.clock() + self.grace,
         ]
         for name, value in fields.items():
             args += [name, to_field(value)]
         ok, prev, reason = self._transition(
-            keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS], args=args
+            keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS, keys.CALLBACKS_DUE], args=args
         )
         prev_text = as_text(prev)
         return Transition(bool(ok), JobState(prev_text) if prev_text else None, as_text(reason))
@@ -348,6 +360,32 @@ class Ledger:
     def last_event_id(self) -> str:
         last = self.redis.xrevrange(keys.EVENTS, count=1)
         return as_text(last[0][0]) if last else "0-0"
+
+    def callback_attempted(
+        self, job_id: str, *, state: str, attempts: int, error: str | None, retry_at: float | None
+    ) -> None:
+        """Record a delivery attempt: ``state`` pending (with ``retry_at``), delivered or failed."""
+        pipe = self.redis.pipeline()
+        pipe.hset(
+            keys.job(job_id),
+            mapping={
+                "callback_state": state,
+                "callback_attempts": attempts,
+                "callback_error": to_field(error),
+            },
+        )
+        if retry_at is None:
+            pipe.zrem(keys.CALLBACKS_DUE, job_id)
+        else:
+            pipe.zadd(keys.CALLBACKS_DUE, {job_id: retry_at})
+        pipe.execute()
+
+    def claim_callbacks(self, limit: int = 500) -> list[str]:
+        """Jobs whose callback delivery is due (or whose delivery message was lost)."""
+        flat = self._claim(
+            keys=[keys.CALLBACKS_DUE], args=[self.clock(), limit, self.grace, keys.JOB_PREFIX, ""]
+        )
+        return [as_text(flat[i]) for i in range(0, len(flat), 3)]
 
     def mark_swept(self) -> None:
         self.redis.set(keys.SWEEP_LAST, repr(self.clock()))

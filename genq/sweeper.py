@@ -14,7 +14,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from genq.actions import Action, Download, Finalize, PollLater, PollModelLater, SubmitLater, TrainLater
+from genq.actions import (
+    Action,
+    Download,
+    Finalize,
+    Notify,
+    PollLater,
+    PollModelLater,
+    SubmitLater,
+    TrainLater,
+)
 from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import POLLING_STATES, JobKind, JobState, ModelState
@@ -47,6 +56,9 @@ class Sweeper:
                 actions.append(TrainLater(model_id, 0.0))
             elif model_state is ModelState.TRAINING:
                 actions.append(PollModelLater(model_id, gen, 0.0))
+        for job_id in self.ledger.claim_callbacks(batch):
+            seen["callback"] += 1
+            actions.append(Notify(job_id))
         self.ledger.mark_swept()
         if seen:
             log.info("sweep: %s", dict(seen))

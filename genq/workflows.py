@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from genq.actions import Action, SubmitLater
+from genq.actions import Action, Notify, SubmitLater
 from genq.intake import accept
 from genq.models import JobKind, JobRecord, JobState, UpscaleRequest, WorkflowRequest
 from genq.store import Ledger
@@ -29,8 +29,7 @@ class WorkflowService:
         if step.kind is JobKind.IMAGE and step.state is JobState.SUCCEEDED:
             actions = self._start_upscales(parent, step)
             parent = self.ledger.get(parent.id) or parent
-        self._maybe_finish(parent)
-        return actions
+        return actions + self._maybe_finish(parent)
 
     def resume(self, parent: JobRecord) -> list[Action]:
         """Re-drive a workflow whose step-ended hook may have been lost (a worker died after a step
@@ -55,25 +54,31 @@ class WorkflowService:
         self.ledger.set_fields(parent.id, children=steps)
         return actions
 
-    def _maybe_finish(self, parent: JobRecord) -> None:
+    def _maybe_finish(self, parent: JobRecord) -> list[Action]:
+        """End the workflow when its steps say so; its callback (if any) goes out then, once."""
         steps = [self.ledger.get(job_id) for job_id in parent.children]
         for step in steps:
             if step is not None and step.terminal and step.state is not JobState.SUCCEEDED:
                 reason = f"step {step.kind.value} {step.id} ended {step.state.value}: {step.error}"
-                self.ledger.transition(parent.id, [JobState.RUNNING], JobState.FAILED, error=reason)
-                return
+                moved = self.ledger.transition(parent.id, [JobState.RUNNING], JobState.FAILED, error=reason)
+                return self._notify(parent) if moved.ok else []
         generated = steps[0] if steps else None
         if generated is None or generated.state is not JobState.SUCCEEDED:
-            return
+            return []
         if len(steps) < 1 + len(generated.remote_ids) or not all(
             s and s.state is JobState.SUCCEEDED for s in steps
         ):
-            return
+            return []
         outputs = [out for s in steps[1:] if s for out in s.outputs]
         fields = {
             f"out:{i:04d}": out.model_copy(update={"index": i}).model_dump_json()
             for i, out in enumerate(outputs)
         }
         self.ledger.set_fields(parent.id, **fields)
-        if self.ledger.transition(parent.id, [JobState.RUNNING], JobState.SUCCEEDED, error=None).ok:
-            log.info("workflow %s succeeded with %d upscaled files", parent.id, len(outputs))
+        if not self.ledger.transition(parent.id, [JobState.RUNNING], JobState.SUCCEEDED, error=None).ok:
+            return []
+        log.info("workflow %s succeeded with %d upscaled files", parent.id, len(outputs))
+        return self._notify(parent)
+
+    def _notify(self, parent: JobRecord) -> list[Action]:
+        return [Notify(parent.id)] if parent.callback else []

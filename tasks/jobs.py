@@ -7,14 +7,23 @@ from collections.abc import Iterable
 from typing import Any
 
 from genq import intake as intake_service
-from genq.actions import Action, Download, Finalize, PollLater, PollModelLater, SubmitLater, TrainLater
+from genq.actions import (
+    Action,
+    Download,
+    Finalize,
+    Notify,
+    PollLater,
+    PollModelLater,
+    SubmitLater,
+    TrainLater,
+)
 from workers.celery_app import app
 from workers.runtime import services
 
 
 @app.task(name="genq.intake")
 def intake(request: dict[str, Any], request_id: str) -> None:
-    ready = intake_service.intake(services().ledger, request, request_id)
+    ready = intake_service.intake(services().ledger, request, request_id, services().settings)
     dispatch(SubmitLater(job_id, 0.0) for job_id in ready)
 
 
@@ -48,6 +57,16 @@ def poll_model(model_id: str, gen: int) -> None:
     dispatch(services().training.poll(model_id, gen))
 
 
+@app.task(name="genq.callback")
+def callback(job_id: str) -> None:
+    dispatch(services().callbacks.deliver(job_id, send_by_name))
+
+
+def send_by_name(name: str, args: list[Any], queue: str) -> None:
+    """A producer's own task, by name: genqueue never imports the producer's code."""
+    app.send_task(name, args=args, queue=queue)
+
+
 @app.task(name="genq.sweep")
 def sweep() -> None:
     actions, _ = services().sweeper.sweep()
@@ -70,3 +89,5 @@ def dispatch(actions: Iterable[Action]) -> None:
                 train.apply_async((model_id,), countdown=delay)
             case PollModelLater(model_id, gen, delay):
                 poll_model.apply_async((model_id, gen), countdown=delay)
+            case Notify(job_id, delay):
+                callback.apply_async((job_id,), countdown=delay or None)

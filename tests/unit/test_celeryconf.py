@@ -1,0 +1,22 @@
+"""The Celery configuration derived from settings: limits that Celery itself would refuse at send time."""
+
+from __future__ import annotations
+
+from config.celeryconf import TASK_QUEUES, celery_config
+from config.settings import load_settings
+
+
+def test_every_annotated_soft_limit_is_below_its_hard_limit() -> None:
+    conf = celery_config(load_settings())
+    default_soft, default_hard = conf["task_soft_time_limit"], conf["task_time_limit"]
+    for name, limits in conf["task_annotations"].items():
+        soft = limits.get("soft_time_limit", default_soft)
+        hard = limits.get("time_limit", default_hard)
+        assert soft <= hard, f"{name}: soft {soft} > hard {hard}; Celery refuses to send it"
+        assert name in TASK_QUEUES
+
+
+def test_every_task_runs_within_the_visibility_timeout() -> None:
+    conf = celery_config(load_settings())
+    hard = [limits.get("time_limit", conf["task_time_limit"]) for limits in conf["task_annotations"].values()]
+    assert max([*hard, conf["task_time_limit"]]) < conf["visibility_timeout"]

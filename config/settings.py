@@ -32,20 +32,36 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 ENV_PREFIX = "GENQ_"
 
 
-def _split_commas(value: Any) -> Any:
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
-def _check_cidrs(value: list[str]) -> list[str]:
-    for cidr in value:
-        ipaddress.ip_network(cidr)  # ValueError names the bad entry
-    return value
-
-
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OutboundRules(_Group):
+    """Where genqueue may connect to fetch or post for untrusted URLs (the SSRF guard's inputs)."""
+
+    allow_http: bool = False
+    """Allow plain http:// URLs; https:// only otherwise."""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    """When set, URLs must be on one of these hosts (``cdn.example.com``, ``*.example.com``);
+    comma-separated in the environment."""
+    allow_private: bool = False
+    """Allow loopback, private and link-local addresses (local development only)."""
+    allowed_networks: Annotated[list[str], NoDecode] = []
+    """CIDRs allowed although private (an internal host), comma-separated."""
+
+    @field_validator("allowed_hosts", "allowed_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr)  # ValueError names the bad entry
+        return value
 
 
 class ApiSettings(_Group):
@@ -133,7 +149,7 @@ class PollSettings(_Group):
     """Consecutive transient errors on one job before it ends ``failed``."""
 
 
-class DownloadSettings(_Group):
+class DownloadSettings(OutboundRules):
     """Downloads of job outputs. Output URLs are untrusted input."""
 
     dir: Path = Path("downloads")
@@ -144,29 +160,10 @@ class DownloadSettings(_Group):
     """Wall-clock limit for one file, in seconds."""
     chunk_bytes: int = Field(256 * 1024, ge=4096)
     """Read size while streaming, in bytes: the memory a download holds."""
-    allow_http: bool = False
-    """Allow plain http:// output URLs (the local simulator); https:// only otherwise."""
-    allowed_hosts: Annotated[list[str], NoDecode] = []
-    """When set, output URLs must be on one of these hosts (``cdn.example.com``, ``*.example.com``);
-    comma-separated in the environment."""
-    allow_private: bool = False
-    """Allow loopback, private and link-local addresses (local development with the simulator only)."""
-    allowed_networks: Annotated[list[str], NoDecode] = []
-    """CIDRs allowed although private (an internal file host), comma-separated."""
     max_redirects: int = Field(3, ge=0, le=10)
     """Redirects followed per file, each hop checked like the first; 0 refuses redirects."""
     max_attempts: int = Field(5, ge=1)
     """Tries per file on transient errors before the job ends ``failed``."""
-
-    @field_validator("allowed_hosts", "allowed_networks", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return _split_commas(value)
-
-    @field_validator("allowed_networks")
-    @classmethod
-    def _cidrs(cls, value: list[str]) -> list[str]:
-        return _check_cidrs(value)
 
 
 class LimitSettings(_Group):
@@ -184,7 +181,7 @@ class LimitSettings(_Group):
     """Upstream requests in flight at once."""
 
 
-class CallbackSettings(_Group):
+class CallbackSettings(OutboundRules):
     """Completion callbacks to producer apps (a Celery task by name, or a signed webhook)."""
 
     secret: SecretStr = SecretStr("")
@@ -195,24 +192,6 @@ class CallbackSettings(_Group):
     """First wait after a failed attempt, in seconds; doubles per attempt."""
     timeout: float = Field(10.0, gt=0)
     """Seconds to connect and to wait for the receiver's answer."""
-    allow_http: bool = False
-    """Allow plain http:// webhook URLs."""
-    allowed_hosts: Annotated[list[str], NoDecode] = []
-    """When set, webhook URLs must be on one of these hosts; comma-separated."""
-    allow_private: bool = False
-    """Allow webhooks to loopback and private addresses (local development only)."""
-    allowed_networks: Annotated[list[str], NoDecode] = []
-    """CIDRs of internal receivers allowed although private, comma-separated."""
-
-    @field_validator("allowed_hosts", "allowed_networks", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        return _split_commas(value)
-
-    @field_validator("allowed_networks")
-    @classmethod
-    def _cidrs(cls, value: list[str]) -> list[str]:
-        return _check_cidrs(value)
 
 
 class WorkerSettings(_Group):

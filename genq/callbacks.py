@@ -60,14 +60,8 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 
 def callback_policy(settings: Settings) -> NetPolicy:
-    c = settings.callbacks
-    return NetPolicy(
-        allow_http=c.allow_http,
-        allowed_hosts=tuple(c.allowed_hosts),
-        allow_private=c.allow_private,
-        allowed_networks=tuple(c.allowed_networks),
-        max_redirects=0,  # a receiver answers; it does not send us elsewhere
-    )
+    # No redirects: a receiver answers, it does not send us elsewhere.
+    return netguard.policy_from(settings.callbacks, max_redirects=0)
 
 
 def check_callback(callback: TaskCallback | WebhookCallback | None, settings: Settings) -> None:

@@ -22,7 +22,7 @@ from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLa
 from genq.api import UpstreamClient
 from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
-from genq.netguard import NetPolicy
+from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
 from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
@@ -428,14 +428,7 @@ class JobService:
 
 def net_policy(settings: Settings) -> NetPolicy:
     """Where output files may be fetched from."""
-    d = settings.download
-    return NetPolicy(
-        allow_http=d.allow_http,
-        allowed_hosts=tuple(d.allowed_hosts),
-        allow_private=d.allow_private,
-        allowed_networks=tuple(d.allowed_networks),
-        max_redirects=d.max_redirects,
-    )
+    return policy_from(settings.download, settings.download.max_redirects)
 
 
 def _unknown_reason(detail: str) -> str:

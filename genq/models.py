@@ -140,6 +140,10 @@ class _FromImage(_Request):
         if given > 1 or (required and given == 0):
             raise ValueError("give exactly one of image_id or image_url")
 
+    @property
+    def expected_outputs(self) -> int:
+        return 1
+
 
 class UpscaleRequest(_FromImage):
     """``POST /images/upscaling``."""
@@ -153,10 +157,6 @@ class UpscaleRequest(_FromImage):
     def _source(self) -> UpscaleRequest:
         self._one_source(required=True)
         return self
-
-    @property
-    def expected_outputs(self) -> int:
-        return 1
 
 
 class VideoRequest(_FromImage):
@@ -176,10 +176,6 @@ class VideoRequest(_FromImage):
         if self.prompt is None and self.image_id is None and self.image_url is None:
             raise ValueError("give a prompt, a source image, or both")
         return self
-
-    @property
-    def expected_outputs(self) -> int:
-        return 1
 
 
 class WorkflowRequest(_Request):

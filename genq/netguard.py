@@ -25,6 +25,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.poolmanager import PoolManager
 from urllib3.util.connection import allowed_gai_family
 
+from config.settings import OutboundRules
 from genq.errors import DownloadRefused
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -57,6 +58,17 @@ class NetPolicy:
                 raise ValueError(f"allowed host {pattern!r}: only a leading '*.' wildcard is supported")
         if self.max_redirects < 0:
             raise ValueError("max_redirects must be >= 0")
+
+
+def policy_from(rules: OutboundRules, max_redirects: int = 0) -> NetPolicy:
+    """The guard's policy from a settings group (downloads, callbacks)."""
+    return NetPolicy(
+        allow_http=rules.allow_http,
+        allowed_hosts=tuple(rules.allowed_hosts),
+        allow_private=rules.allow_private,
+        allowed_networks=tuple(rules.allowed_networks),
+        max_redirects=max_redirects,
+    )
 
 
 def redact_url(url: str) -> str:

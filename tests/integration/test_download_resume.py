@@ -14,6 +14,7 @@ import requests
 
 from genq.downloads import DownloadRules, fetch
 from genq.errors import UpstreamUnavailable
+from genq.netguard import NetPolicy
 
 pytestmark = pytest.mark.integration
 BODY = bytes(range(256)) * 4096  # 1 MiB
@@ -58,7 +59,12 @@ def server() -> Iterator[str]:
     httpd.shutdown()
 
 
-RULES = DownloadRules(max_bytes=10 * 1024 * 1024, timeout=30, chunk_bytes=64 * 1024, allow_http=True)
+RULES = DownloadRules(
+    max_bytes=10 * 1024 * 1024,
+    timeout=30,
+    chunk_bytes=64 * 1024,
+    net=NetPolicy(allow_http=True, allow_private=True),
+)
 
 
 @pytest.mark.parametrize("honour_range", [True, False])

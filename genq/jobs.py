@@ -300,7 +300,9 @@ class JobService:
             remote_ids=[out.id for out in outputs],
             errors_in_row=0,
             error=None,
-            due_at=now + self.settings.download.timeout,
+            # Due at once: if no download runs within the grace (its worker died), the sweeper sends
+            # the missing ones again; a duplicate of a download still running finds it locked.
+            due_at=now,
         )
         if not moved.ok:
             return []

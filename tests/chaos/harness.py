@@ -59,6 +59,7 @@ class Figures:
     upstream_429: int = 0
     seconds: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
+    stuck: list[dict[str, Any]] = field(default_factory=list)
 
     def line(self) -> str:
         return (
@@ -214,6 +215,14 @@ class Chaos:
         states = Counter(r.state for r in records)
         f.terminal = sum(n for s, n in states.items() if s.terminal)
         f.lost = f.accepted - f.terminal
+        due = self.stack.ledger().redis
+        for r in [*records, *steps]:
+            if not r.terminal:
+                f.stuck.append(
+                    {"id": r.id, "kind": r.kind.value, "state": r.state.value, "error": r.error,
+                     "updated_at": r.updated_at, "polls": r.polls, "outputs": len(r.outputs),
+                     "expected": r.expected_outputs, "due": due.zscore("genq:due", r.id), "now": time.time()}
+                )  # fmt: skip
         f.succeeded = states[JobState.SUCCEEDED]
         failed = [r for r in records if r.state is JobState.FAILED]
         f.failed_with_reason = sum(bool(r.error) for r in failed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,12 @@ def _run(stack: Stack, plan: Plan, name: str) -> Figures:
     chaos = Chaos(stack, plan)
     figures = chaos.run()
     chaos.write(ARTIFACTS / f"{name}.json")
+    if figures.lost:
+        # Keep the evidence: every process's log, beside the figures.
+        logs = ARTIFACTS / f"{name}-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for log in [*stack.tmp.glob("*.log"), *stack.tmp.glob("*.stderr")]:
+            shutil.copy(log, logs / log.name)
     print("\n" + figures.line())
     return figures
 

@@ -74,7 +74,7 @@ class UpstreamClient:
         self._secret = api_key.get_secret_value()
         self.session.headers["Authorization"] = f"Bearer {self._secret}"
         self.session.headers["Accept"] = "application/json"
-        self.limiter = limiter if limiter is not None and limiter.active else None
+        self.limiter = limiter
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"

@@ -135,7 +135,3 @@ class UpstreamLimiter:
     def block(self, seconds: float) -> None:
         """Close the upstream for every worker for ``seconds`` (a 429's Retry-After)."""
         self._block(keys=[keys.LIMIT_BLOCKED], args=[max(0.0, seconds)])
-
-    @property
-    def active(self) -> bool:
-        return bool(self.limits.total_rate or self.limits.max_concurrent or any(self.limits.rates.values()))

@@ -16,7 +16,9 @@ def create_app(settings: Settings | None = None) -> Celery:
             raise SystemExit(str(exc)) from None
     app = Celery("genqueue", include=["tasks.jobs"], set_as_current=True, task_cls="workers.base:GenqTask")
     app.conf.update(celery_config(settings))
-    from workers import signals  # noqa: F401  (connects the worker signal handlers)
+    from workers import kombu_fix, signals  # noqa: F401  (signals connects the worker signal handlers)
+
+    kombu_fix.install()
 
     return app
 

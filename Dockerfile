@@ -1,13 +1,24 @@
-# One image for every genqueue process: workers, flower, simulator.
-FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
+# One image for every genqueue process: workers, beat, Flower, the exporter and the simulator.
+# Slim and non-root: the build stage turns the project into wheels; the runtime stage holds only them.
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY genq ./genq
 COPY config ./config
 COPY workers ./workers
 COPY tasks ./tasks
 COPY simulator ./simulator
-RUN pip install . && useradd --create-home --uid 10001 genq && mkdir -p /data/downloads && chown genq /data/downloads
+RUN pip wheel --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels \
+    && useradd --create-home --uid 10001 genq \
+    && mkdir -p /data/downloads && chown genq /data/downloads
+WORKDIR /home/genq
 USER genq
 ENV GENQ_DOWNLOAD_DIR=/data/downloads
+# Flower, the Prometheus exporter, the simulator (dev only).
+EXPOSE 5555 9818 8900

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import SettingsError
+from genq import netguard
 from genq.errors import GenqError, JobFailed
 
 if TYPE_CHECKING:
@@ -56,6 +58,18 @@ def submit() -> None:
 
 
 def _submit_options(fn: Any) -> Any:
+    """The options every submit command shares; the callback ones arrive as one ``callback`` argument."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        callback_task: str | None,
+        callback_queue: str | None,
+        callback_url: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        return fn(*args, callback=_callback(callback_task, callback_queue, callback_url), **kwargs)
+
     for option in reversed(
         [
             click.option("--idempotency-key", help="Resubmitting with the same key returns the first job."),
@@ -64,10 +78,25 @@ def _submit_options(fn: Any) -> Any:
                 "--timeout", type=float, default=None, help="Seconds to wait at most (with --wait)."
             ),
             click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+            click.option("--callback-task", help="When the job ends, send this Celery task by name..."),
+            click.option("--callback-queue", help="...to this queue, with the job's record."),
+            click.option("--callback-url", help="Or POST the record, signed, to this URL."),
         ]
     ):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
+
+
+def _callback(task: str | None, queue: str | None, url: str | None) -> dict[str, str] | None:
+    if url and (task or queue):
+        _fail("give either --callback-url or --callback-task with --callback-queue, not both")
+    if url:
+        return {"url": url}
+    if task or queue:
+        if not (task and queue):
+            _fail("--callback-task and --callback-queue go together")
+        return {"task": str(task), "queue": str(queue)}
+    return None
 
 
 def _submit(
@@ -116,6 +145,7 @@ def submit_upscale(
     source_job: str | None,
     index: int,
     factor: str,
+    callback: dict[str, str] | None,
     idempotency_key: str | None,
     wait_for: bool,
     timeout: float | None,
@@ -124,7 +154,8 @@ def submit_upscale(
     """Upscale an image."""
     if source_job:
         image_id = _producer()._output_id(source_job, index)
-    request = {"kind": "upscale", "image_id": image_id, "image_url": image_url, "factor": int(factor)}
+    request = {"kind": "upscale", "image_id": image_id, "image_url": image_url, "factor": int(factor),
+               "callback": callback}  # fmt: skip
     _submit(request, idempotency_key, wait_for, timeout, as_json)
 
 
@@ -152,6 +183,7 @@ def submit_workflow(
     prompt: str,
     num_images: int,
     upscale_factor: str,
+    callback: dict[str, str] | None,
     idempotency_key: str | None,
     wait_for: bool,
     timeout: float | None,
@@ -159,7 +191,7 @@ def submit_workflow(
 ) -> None:
     """Generate images, then upscale every one (one id to follow)."""
     request = {"kind": "workflow", "generate": {"prompt": prompt, "num_images": num_images},
-               "upscale_factor": int(upscale_factor)}  # fmt: skip
+               "upscale_factor": int(upscale_factor), "callback": callback}  # fmt: skip
     _submit(request, idempotency_key, wait_for, timeout, as_json)
 
 
@@ -267,6 +299,110 @@ def simulator(host: str, port: int, config_json: str | None) -> None:
 
 
 @main.command()
+@click.option("--local-only", is_flag=True, help="No authentication; listens on 127.0.0.1 only.")
+@click.option("--address", default=None, help="Listen address [GENQ_FLOWER_ADDRESS, 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Listen port [GENQ_FLOWER_PORT, 5555].")
+def flower(local_only: bool, address: str | None, port: int | None) -> None:
+    """Run Flower on the genqueue app: basic auth from GENQ_FLOWER_BASIC_AUTH (required unless
+    --local-only), /metrics behind the same auth, task arguments shown as job id and kind."""
+    from config.settings import get_settings
+    from genq import logs
+
+    settings = get_settings()  # before importing workers, which would exit on bad settings
+    logs.setup(settings.log.format)
+    from workers.flower import serve
+
+    default = "127.0.0.1" if local_only else settings.flower.address
+    serve(
+        settings,
+        local_only=local_only,
+        address=address if address is not None else default,
+        port=port if port is not None else settings.flower.port,
+    )
+
+
+@main.command()
+@click.option("--address", default=None, help="Listen address [GENQ_METRICS_ADDRESS, 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Listen port [GENQ_METRICS_PORT, 9818].")
+@click.option("--once", is_flag=True, help="Print the metrics once and exit instead of serving them.")
+def metrics(address: str | None, port: int | None, once: bool) -> None:
+    """Serve Prometheus metrics Flower lacks: jobs by kind and state, due polls, queue depth and age,
+    upstream latency and errors, rate-limit waits, downloads, models."""
+    from prometheus_client import generate_latest
+
+    from config.settings import get_settings
+    from genq import exporter, logs
+
+    settings = get_settings()
+    logs.setup(settings.log.format)
+    if once:
+        click.echo(generate_latest(exporter.registry(settings)).decode(), nl=False)
+        return
+    exporter.serve(
+        settings,
+        address if address is not None else settings.metrics.address,
+        port if port is not None else settings.metrics.port,
+    )
+
+
+@main.command()
+@click.option(
+    "--skip",
+    multiple=True,
+    type=click.Choice(["redis", "broker", "workers", "sweeper"]),
+    help="Leave a check out (repeatable).",
+)
+@click.option("--queue", "queues", multiple=True, help="Only these queues need a live worker (repeatable).")
+@click.option("--node", help="This worker must answer, e.g. submit@%h (%h: this host's name).")
+@click.option("--url", "urls", multiple=True, help="This HTTP endpoint must answer 2xx (repeatable).")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds per check.")
+@click.option("--sweep-max-age", type=float, default=None, help="Seconds [5 sweep intervals, at least 60].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def health(
+    skip: tuple[str, ...],
+    queues: tuple[str, ...],
+    node: str | None,
+    urls: tuple[str, ...],
+    timeout: float,
+    sweep_max_age: float | None,
+    as_json: bool,
+) -> None:
+    """Check Redis, the broker, a live worker per queue and the sweeper's last run; exit 1 with the
+    reason when any fails (a container healthcheck)."""
+    import socket
+
+    from celery import Celery
+
+    from config.celeryconf import celery_config
+    from config.settings import get_settings
+    from genq import health as checks
+
+    settings = get_settings()
+    app = Celery("genqueue-health", set_as_current=False)  # a producer's view: broker only, no tasks
+    app.conf.update(celery_config(settings))
+    try:
+        results = checks.run(
+            settings,
+            app,
+            skip=skip,
+            queues=queues or None,
+            node=node.replace("%h", socket.gethostname()) if node else None,
+            urls=urls,
+            timeout=timeout,
+            sweep_max_age=sweep_max_age,
+        )
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in results], indent=2))
+    else:
+        for c in results:
+            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name:8} {c.detail}")
+    if not all(c.ok for c in results):
+        sys.exit(1)
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schema of requests, as the by-name ``genq.intake`` task accepts them."""
     from genq.models import REQUEST_ADAPTER
@@ -309,3 +445,13 @@ def _print_record(record: Any, as_json: bool) -> None:
             console.print(f"  {label}: {value}")
     for out in record.outputs:
         console.print(f"  {out.path}  {out.bytes} bytes  sha256 {out.sha256}")
+    if record.callback:
+        target = (
+            record.callback.get("url")
+            or f"task {record.callback.get('task')} on {record.callback.get('queue')}"
+        )
+        shown = netguard.redact_url(target) if "url" in record.callback else target
+        state = record.callback_state or "waiting for the job to end"
+        console.print(f"  callback: {shown}: {state}, {record.callback_attempts} attempts")
+        if record.callback_error:
+            console.print(f"    last error: {record.callback_error}")

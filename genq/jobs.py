@@ -21,6 +21,7 @@ from genq import downloads
 from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
+from genq.metrics import Recorder
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
@@ -45,6 +46,7 @@ class JobService:
     clock: Callable[[], float]
     rng: random.Random
     workflows: WorkflowService
+    recorder: Recorder | None = None  # counts downloads for `genq metrics`
 
     # ------------------------------------------------------------------ submit
 
@@ -351,6 +353,8 @@ class JobService:
             content_type=got.content_type,
         )
         remaining = self.ledger.record_output(job_id, output)
+        if remaining >= 0 and self.recorder is not None:
+            self.recorder.download(got.bytes)
         return [Finalize(job_id)] if remaining == 0 else []
 
     def finalize(self, job_id: str) -> list[Action]:

@@ -27,6 +27,7 @@ from genq import intake
 from genq.callbacks import check_callback
 from genq.errors import GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
+from genq.metrics import sent_at_header
 from genq.model_store import ModelLedger
 from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
 from genq.services import ledger_for, redis_client
@@ -138,7 +139,9 @@ class Producer:
 
     def _send(self, job_id: str) -> None:
         try:
-            self.celery.send_task("genq.submit", args=[job_id], queue=TASK_QUEUES["genq.submit"])
+            self.celery.send_task(
+                "genq.submit", args=[job_id], queue=TASK_QUEUES["genq.submit"], headers=sent_at_header()
+            )
         except Exception as exc:  # kombu raises several unrelated types for a dead broker
             try:
                 self.ledger.transition(
@@ -170,7 +173,9 @@ class Producer:
         model_id = _model_id(model_id)
         deadline_at = time.time() + self.settings.poll.model.deadline
         if self.models.request(model_id, deadline_at=deadline_at, force=force):
-            self.celery.send_task("genq.train", args=[model_id], queue=TASK_QUEUES["genq.train"])
+            self.celery.send_task(
+                "genq.train", args=[model_id], queue=TASK_QUEUES["genq.train"], headers=sent_at_header()
+            )
         return self.model_status(model_id)
 
     def model_status(self, model_id: str) -> ModelRecord:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from config.settings import Settings
-from genq import keys
+from genq import keys, metrics
 from genq.actions import Action
 from genq.api import UpstreamClient
 from genq.callbacks import CallbackService, callback_policy
@@ -74,11 +74,13 @@ class Services:
             read_timeout=settings.api.read_timeout,
             limiter=limiter,
         )
+        recorder = metrics.Recorder(client)
+        metrics.instrument(api, recorder)
         # A separate session for output files: the API key must never be sent to a file host, and
         # every connection it makes is checked against the SSRF policy on the address it connects to.
         files = guarded_session(net_policy(settings))
         rng = random.Random()
-        jobs = JobService(settings, ledger, api, files, time.time, rng, WorkflowService(ledger))
+        jobs = JobService(settings, ledger, api, files, time.time, rng, WorkflowService(ledger), recorder)
         models = ModelLedger(client, grace=settings.worker.sweep_grace)
         training = TrainingService(settings, models, api, jobs, time.time, rng)
         sweeper = Sweeper(ledger, models, jobs, time.time)

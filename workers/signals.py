@@ -1,12 +1,26 @@
-"""Worker signal handlers: per-process services, and a start-up check of the Redis it uses."""
+"""Worker signal handlers: per-process services, log format and task context, message stamps,
+and a start-up check of the Redis it uses."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from contextvars import ContextVar, Token
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    before_task_publish,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
+from config.settings import get_settings
+from genq import logs, metrics
 from workers import runtime
 
 log = logging.getLogger("genq.worker")
@@ -36,3 +50,42 @@ def _check_redis(**_: Any) -> None:
             "Redis maxmemory-policy is %s: it may evict job records and queued messages; use noeviction",
             policy,
         )
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    logs.configure(logger, get_settings().log.format)
+
+
+# ---------------------------------------------------------------------------- per task run
+
+
+_run: ContextVar[Token[logs.TaskContext | None] | None] = ContextVar("genq_task_run", default=None)
+
+
+@task_prerun.connect
+def _task_started(task_id: str, task: Any, args: Sequence[Any] | None = None, **_: Any) -> None:
+    _run.set(logs.bind(task.name, task_id, args or ()))
+
+
+@task_postrun.connect
+def _task_ended(**_: Any) -> None:
+    context = _run.get()
+    if context is not None:
+        _run.set(None)
+        logs.unbind(context)
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+@before_task_publish.connect
+def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # Celery's messages carry no send time; the exporter reads this to tell how long one has waited.
+    # A stamp the sender set itself is kept.
+    if headers is not None and metrics.SENT_AT_HEADER not in headers:
+        headers.update(metrics.sent_at_header())

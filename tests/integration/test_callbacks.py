@@ -44,9 +44,13 @@ def sim_config() -> SimConfig:
 def _receiver_worker(stack: Stack) -> WorkerProcess:
     env = {**os.environ, "RECEIVER_BROKER": stack.env["GENQ_REDIS_URL"], "PYTHONPATH": str(ROOT)}
     worker = WorkerProcess(
-        env, queues=("myapp",), concurrency=1, log_path=stack.tmp / "receiver.log", app="tests.integration.receiver_app",
+        env,
+        queues=("myapp",),
+        concurrency=1,
+        log_path=stack.tmp / "receiver.log",
+        app="tests.integration.receiver_app",
         cwd=ROOT,
-    )  # fmt: skip
+    )
     stack.workers.append(worker)
     return worker.start()
 
@@ -92,7 +96,7 @@ class Receiver(http.server.BaseHTTPRequestHandler):
     seen: list[tuple[str, str, bool, bytes]] = []  # (path, delivery id, signature valid, body)
     flaky_left = 2
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         fields = dict(part.split("=", 1) for part in self.headers["Genq-Signature"].split(","))
         expected = hmac.new(SECRET.encode(), fields["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
@@ -184,7 +188,7 @@ def test_a_lost_callback_message_is_delivered_by_the_sweeper(stack: Stack) -> No
 )
 def test_private_webhook_urls_are_refused_at_submit_unless_allow_listed(stack: Stack, url: str) -> None:
     producer = stack.producer(GENQ_CALLBACKS_ALLOW_HTTP="true")
-    with pytest.raises(InvalidRequest, match="callback.url"):
+    with pytest.raises(InvalidRequest, match=r"callback\.url"):
         producer.submit_image("x", callback={"url": url})
     assert stack.ledger().list_ids() == []
     allowed = stack.producer(
@@ -193,3 +197,29 @@ def test_private_webhook_urls_are_refused_at_submit_unless_allow_listed(stack: S
     )
     if "localhost" not in url:  # a name, refused whatever it resolves to
         assert allowed.submit_image("x", callback={"url": url}).created
+
+
+def test_the_command_line_takes_a_callback_and_shows_its_delivery(stack: Stack) -> None:
+    import subprocess
+    import sys
+
+    stack.worker(**CALLBACK_ENV)
+    _receiver_worker(stack)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")} | stack.env | CALLBACK_ENV
+    genq = str(Path(sys.executable).with_name("genq"))
+    submitted = subprocess.run(
+        [genq, "submit", "image", "--prompt", "from the shell", "--callback-task", "myapp.on_generation_done",
+         "--callback-queue", "myapp", "--wait", "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    deadline = time.monotonic() + 20
+    while not _received(stack) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = subprocess.run([genq, "status", job_id], env=env, capture_output=True, text=True, timeout=30)
+    assert "callback: task myapp.on_generation_done on myapp: delivered, 1 attempts" in status.stdout
+    assert [r["id"] for r in _received(stack)] == [job_id]
+    only_task = [genq, "submit", "image", "--prompt", "x", "--callback-task", "myapp.t"]
+    half = subprocess.run(only_task, env=env, capture_output=True, text=True, timeout=30)
+    assert half.returncode == 2 and "--callback-queue" in half.stderr

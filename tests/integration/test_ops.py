@@ -338,7 +338,13 @@ def test_json_logs_carry_task_and_job_on_every_task_line(stack: Stack) -> None:
     worker.stop()
 
     text = worker.log_path.read_text()
-    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines, not_json = [], []
+    for raw in text.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            not_json.append(raw[:300])
+    assert not_json == []  # shows the offending lines if one process's line was not JSON
     assert len(lines) > 20
     assert all(
         {"ts", "level", "logger", "message", "task", "task_id", "job_id"} <= set(line) for line in lines

@@ -339,7 +339,7 @@ def test_json_logs_carry_task_and_job_on_every_task_line(stack: Stack) -> None:
 
     text = worker.log_path.read_text()
     lines, not_json = [], []
-    for raw in text.splitlines():
+    for raw in filter(str.strip, text.splitlines()):
         try:
             lines.append(json.loads(raw))
         except ValueError:

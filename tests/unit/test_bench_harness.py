@@ -1,0 +1,60 @@
+"""Pure parts of the benchmark harness: the command line, profile summaries, command counts."""
+
+from __future__ import annotations
+
+import cProfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main, parse_args, registry
+from benchmarks.b2_overhead import CommandCounter, summarize_profile
+
+
+def test_every_benchmark_of_the_issue_is_registered() -> None:
+    assert list(registry()) == [
+        "simulator",
+        "slots",
+        "overhead",
+        "capacity",
+        "polling",
+        "downloads",
+        "training",
+    ]
+
+
+def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse_args(["--quick", "--only", "slots,capacity", "--out", "x.json"])
+    assert args.quick and args.only == "slots,capacity" and args.out == Path("x.json")
+    assert main(["--list"]) == 0
+    assert "capacity" in capsys.readouterr().out
+    assert main(["--only", "nope"]) == 2
+
+
+def _work() -> int:
+    return sum(i * i for i in range(20_000))
+
+
+def test_profile_summary_per_job(tmp_path: Path) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    _work()
+    prof.disable()
+    path = tmp_path / "child-1.prof"
+    prof.dump_stats(str(path))
+    out = summarize_profile([str(path)], jobs=10)
+    assert out["children"] == 1
+    assert set(out) >= {"breakdown_ms_per_job", "top_own_time", "ms_per_job"}
+    assert out["top_own_time"] and all(t["own_ms_per_job"] >= 0 for t in out["top_own_time"])
+    assert summarize_profile([], jobs=1) == {"error": "no profile dumped"}
+
+
+def test_command_counts_per_job() -> None:
+    counter = CommandCounter.__new__(CommandCounter)
+    counter.sent = Counter({"EVALSHA": 60, "HGETALL": 40})
+    counter.in_lua = Counter({"HSET": 200})
+    s = counter.summary(jobs=10)
+    assert s["round_trips_per_job"] == 10
+    assert s["all_per_job"] == 30
+    assert s["sent_by_command_per_job"]["EVALSHA"] == 6

@@ -355,7 +355,8 @@ class JobService:
         remaining = self.ledger.record_output(job_id, output)
         if remaining >= 0 and self.recorder is not None:
             self.recorder.download(got.bytes)
-        return [Finalize(job_id)] if remaining == 0 else []
+        # The download that completes the set finalizes at once: no extra task per job.
+        return self.finalize(job_id) if remaining == 0 else []
 
     def finalize(self, job_id: str) -> list[Action]:
         rec = self.ledger.get(job_id)
@@ -373,7 +374,7 @@ class JobService:
             return []
         self.ledger.drop_urls(job_id)
         log.info("job %s succeeded with %d files", job_id, len(rec.outputs))
-        return self._ended(job_id)
+        return self._ended(rec, JobState.SUCCEEDED, None)
 
     # ------------------------------------------------------------------ helpers
 
@@ -404,15 +405,15 @@ class JobService:
         self.ledger.drop_urls(rec.id)
         for leftover in (self.settings.download.dir / rec.id).glob(".*.part"):
             leftover.unlink(missing_ok=True)  # kept for resuming; no use once the job has ended
-        return self._ended(rec.id)
+        return self._ended(rec, to, reason)
 
-    def _ended(self, job_id: str) -> list[Action]:
-        """A job reached a terminal state: report it to its producer, or let its workflow go on."""
-        rec = self.ledger.get(job_id)
-        if rec is None:
-            return []
-        notify: list[Action] = [Notify(job_id)] if rec.callback_state == "pending" else []
-        return notify + (self.workflows.step_ended(rec) if rec.parent_id else [])
+    def _ended(self, rec: JobRecord, to: JobState, error: str | None) -> list[Action]:
+        """``rec`` (as read before) just moved to ``to``: report it to its producer, or let its workflow
+        go on. The move itself marked a callback pending, if the job has one not yet sent."""
+        actions: list[Action] = [Notify(rec.id)] if rec.callback and not rec.callback_state else []
+        if rec.parent_id:
+            actions += self.workflows.step_ended(rec.model_copy(update={"state": to, "error": error}))
+        return actions
 
     # ------------------------------------------------------------------ parked jobs and cancels
 

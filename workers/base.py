@@ -18,13 +18,14 @@ class GenqTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task_id = self.request.id
-        if task_id and args and not self.request.is_eager:
-            deliveries = services().deliveries(task_id)
+        # kombu marks a message it puts back (after a worker died holding it) as redelivered; only
+        # those are counted, so a first delivery, nearly all of them, costs no Redis round trip.
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        if task_id and args and redelivered and not self.request.is_eager:
+            deliveries = services().deliveries(task_id) + 1  # the first delivery was not counted
             limit = services().settings.worker.max_deliveries
             if deliveries > limit:
-                log.error(
-                    "%s[%s] delivered %d times; giving up on %s", self.name, task_id, deliveries, args[0]
-                )
+                log.error("%s[%s] delivered %d times: poison", self.name, task_id, deliveries)
                 from tasks.jobs import dispatch
 
                 dispatch(services().poison(self.name, str(args[0]), deliveries))

@@ -355,8 +355,7 @@ class JobService:
         remaining = self.ledger.record_output(job_id, output)
         if remaining >= 0 and self.recorder is not None:
             self.recorder.download(got.bytes)
-        # The download that completes the set finalizes at once: no extra task per job.
-        return self.finalize(job_id) if remaining == 0 else []
+        return [Finalize(job_id)] if remaining == 0 else []
 
     def finalize(self, job_id: str) -> list[Action]:
         rec = self.ledger.get(job_id)

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from genq.models import JobState, ModelState
+from genq.producer import Producer
 from simulator import SimConfig
 from tests.conftest import Stack, wait_all
 
@@ -16,6 +17,16 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def sim_config() -> SimConfig:
     return SimConfig(api_key="test-key-0d9f", images_per_job=1, training_duration=2.0)
+
+
+def _countdowns_held_until_done(producer: Producer, ids: list[str]) -> list[int]:
+    """Countdown (ETA) tasks the workers hold, sampled with `celery inspect` until every job ends."""
+    inspect = producer.celery.control.inspect(timeout=1.0)
+    samples = []
+    while not all(producer.status(i).terminal for i in ids):
+        scheduled = inspect.scheduled() or {}
+        samples.append(sum(len(tasks) for tasks in scheduled.values()))
+    return samples
 
 
 def test_a_lost_poll_message_delays_the_job_by_at_most_the_grace(stack: Stack) -> None:
@@ -30,19 +41,16 @@ def test_a_lost_poll_message_delays_the_job_by_at_most_the_grace(stack: Stack) -
     ledger = stack.ledger()
     assert ledger.redis.llen("poll") >= 1
     ledger.redis.delete("poll")  # the message is gone for good
-    lost_at = time.time()
-    due = producer.status(job.id).next_poll_at or lost_at
+    due = producer.status(job.id).next_poll_at or time.time()
 
     stack.worker(queues=("poll",))
     (record,) = wait_all(producer, [job.id], timeout=30)
 
     assert record.state is JobState.SUCCEEDED
-    first_get = min(stack.sim.stats()["per_job"][record.upstream_id or ""]["get_times"])
     grace, interval = 3.0, 0.5
-    # The simulator's clock is monotonic: compare durations, not timestamps.
     assert record.poll_gen >= 2  # the sweeper started a new poll generation
+    # Recovery within the grace and a sweep or two (plus the job's own remaining work).
     assert record.finished_at is not None and record.finished_at - due <= grace + 2 * interval + 5
-    assert first_get > 0
 
 
 def test_long_waits_are_held_in_redis_and_dispatched_by_the_sweeper(stack: Stack) -> None:
@@ -56,11 +64,7 @@ def test_long_waits_are_held_in_redis_and_dispatched_by_the_sweeper(stack: Stack
     stack.beat(**env)
     producer = stack.producer(**env)
     ids = [producer.submit_image(f"held {i} [sim:duration=3]").id for i in range(5)]
-    inspect = producer.celery.control.inspect(timeout=1.0)
-    held_by_workers = []
-    while not all(producer.status(i).terminal for i in ids):
-        scheduled = inspect.scheduled() or {}
-        held_by_workers.append(sum(len(tasks) for tasks in scheduled.values()))
+    held_by_workers = _countdowns_held_until_done(producer, ids)
 
     records = wait_all(producer, ids, timeout=40)
 
@@ -76,11 +80,7 @@ def test_short_waits_are_countdowns_held_by_the_worker(stack: Stack) -> None:
     stack.worker(**env)
     producer = stack.producer(**env)
     ids = [producer.submit_image(f"countdown {i} [sim:duration=3]").id for i in range(5)]
-    inspect = producer.celery.control.inspect(timeout=1.0)
-    held_by_workers = []
-    while not all(producer.status(i).terminal for i in ids):
-        scheduled = inspect.scheduled() or {}
-        held_by_workers.append(sum(len(tasks) for tasks in scheduled.values()))
+    held_by_workers = _countdowns_held_until_done(producer, ids)
     assert max(held_by_workers) >= 1
 
 

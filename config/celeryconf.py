@@ -27,6 +27,9 @@ TASK_QUEUES: dict[str, str] = {
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""
 
+SWEEP_EXPIRES = 900.0
+"""Seconds after which a sweep message nobody took is dropped."""
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for workers and producers alike."""
@@ -77,13 +80,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
         "broker_connection_max_retries": None,
-        # The sweeper: run by `celery -A workers beat`. A sweep message older than two periods is
-        # dropped, since a newer one is already on its way.
+        # The sweeper: run by `celery -A workers beat`. A sweep runs however late it comes, since a
+        # backlog on its queue is just when held waits and lost messages need it; sweeps that come
+        # together cost one Redis round trip each but the first (see Sweeper.sweep). Only a sweep
+        # older than SWEEP_EXPIRES is dropped, so a queue nobody consumes does not grow for ever.
         "beat_schedule": {
             "genq-sweep": {
                 "task": "genq.sweep",
                 "schedule": worker.sweep_interval,
-                "options": {"queue": POLL, "expires": worker.sweep_interval * 2},
+                "options": {"queue": POLL, "expires": max(SWEEP_EXPIRES, worker.sweep_interval * 10)},
             }
         },
         "beat_max_loop_interval": min(5.0, worker.sweep_interval),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class SubmitLater:
     job_id: str
     delay: float
+    gen: int = 0  # the step generation it is sent for; 0 for a new job
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Finalize:
 class TrainLater:
     model_id: str
     delay: float
+    gen: int
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import requests
 from pydantic import SecretStr
 
+from genq import wallclock
 from genq.errors import (
     GenqError,
     ProtocolError,
@@ -33,6 +34,7 @@ TRIGGER_PATHS: dict[JobKind, str] = {
 }
 
 _MAX_DETAIL = 200
+GATEWAY_STATUSES = frozenset({502, 504})
 _DELTA_SECONDS = re.compile(r"(?=\.?[0-9])[0-9]{0,10}(\.[0-9]{0,6})?")
 MAX_RETRY_AFTER = 3600.0
 DEFAULT_429_WAIT = 1.0
@@ -70,7 +72,7 @@ class UpstreamClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
-        self.session = session or requests.Session()
+        self.session = session or wallclock.session()
         self._secret = api_key.get_secret_value()
         self.session.headers["Authorization"] = f"Bearer {self._secret}"
         self.session.headers["Accept"] = "application/json"
@@ -106,17 +108,12 @@ class UpstreamClient:
             permit, wait = self.limiter.acquire(family)
             if permit is None:
                 raise Throttled(f"{what}: held back by the shared rate limit", retry_after=wait)
+        limit = wallclock.Limit(sum(self.timeout))
         try:
-            response = self.session.request(method, self.base_url + path, json=json, timeout=self.timeout)
-        except requests.ConnectTimeout:
-            raise UpstreamUnavailable(f"{what}: connect timeout") from None
-        except requests.ReadTimeout:
-            # The request went out; the upstream may have acted on it.
-            raise UpstreamUnavailable(f"{what}: read timeout", ambiguous=True) from None
-        except requests.ConnectionError as exc:
-            raise UpstreamUnavailable(f"{what}: connection failed", ambiguous=_was_sent(exc)) from None
+            with limit:
+                response = self.session.request(method, self.base_url + path, json=json, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise UpstreamUnavailable(f"{what}: {type(exc).__name__}", ambiguous=True) from None
+            raise _request_failed(what, exc, limit) from None
         finally:
             if permit is not None and self.limiter is not None:
                 self.limiter.release(permit)
@@ -134,6 +131,21 @@ class UpstreamClient:
             raise
 
 
+def _request_failed(what: str, exc: requests.RequestException, limit: wallclock.Limit) -> UpstreamUnavailable:
+    """The error for a request that got no answer; ``ambiguous`` when the upstream may have acted."""
+    if limit.expired:
+        # Cut by the wall-clock limit while the peer dripped its answer: it had the request.
+        return UpstreamUnavailable(f"{what}: no complete answer within {limit.seconds:.0f}s", ambiguous=True)
+    if isinstance(exc, requests.ConnectTimeout):
+        return UpstreamUnavailable(f"{what}: connect timeout")
+    if isinstance(exc, requests.ReadTimeout):
+        # The request went out; the upstream may have acted on it.
+        return UpstreamUnavailable(f"{what}: read timeout", ambiguous=True)
+    if isinstance(exc, requests.ConnectionError):
+        return UpstreamUnavailable(f"{what}: connection failed", ambiguous=_was_sent(exc))
+    return UpstreamUnavailable(f"{what}: {type(exc).__name__}", ambiguous=True)
+
+
 def _decode(what: str, response: requests.Response, text_ok: bool = False) -> Any:
     status = response.status_code
     if status == 429:
@@ -143,6 +155,8 @@ def _decode(what: str, response: requests.Response, text_ok: bool = False) -> An
         raise UpstreamUnavailable(
             f"{what}: {status} {_detail(response)}",
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            # A gateway that answers 502 or 504 had passed the request on: it may have been acted on.
+            ambiguous=status in GATEWAY_STATUSES,
         )
     if status == 401:
         raise UpstreamRejected(f"{what}: 401 unauthorized: check GENQ_API_KEY", status)

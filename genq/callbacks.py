@@ -23,7 +23,7 @@ from typing import Any
 import requests
 
 from config.settings import Settings
-from genq import netguard
+from genq import netguard, wallclock
 from genq.actions import Action, Notify
 from genq.errors import DownloadRefused, GenqError, InvalidRequest
 from genq.models import JobRecord, TaskCallback, WebhookCallback
@@ -83,8 +83,11 @@ class CallbackService:
 
     def deliver(self, job_id: str, send: SendByName) -> list[Action]:
         rec = self.ledger.get(job_id)
-        if rec is None or rec.callback_state != "pending" or not rec.callback:
-            return []  # delivered already, or a duplicate message
+        if rec is None or rec.callback_state != "pending" or not rec.callback or not rec.terminal:
+            # Delivered already, a duplicate message, or the job was brought back (resubmitted) and
+            # will arm its callback again when it really ends.
+            self.ledger.drop_callback_due(job_id)
+            return []
         attempts = rec.callback_attempts + 1
         try:
             if "task" in rec.callback:
@@ -114,10 +117,20 @@ class CallbackService:
         }
         timeout = self.settings.callbacks.timeout
         netguard.check_url(url, callback_policy(self.settings))
-        response = self.session.post(
-            url, data=body, headers=headers, timeout=(timeout, timeout), allow_redirects=False
-        )
-        response.close()
+        # The timeout bounds the whole attempt: a receiver dripping its answer is cut off.
+        limit = wallclock.Limit(timeout)
+        try:
+            with limit:
+                response = self.session.post(
+                    url, data=body, headers=headers, timeout=(timeout, timeout), allow_redirects=False
+                )
+                response.close()
+        except requests.RequestException:
+            if limit.expired:
+                raise GenqError(
+                    f"receiver {netguard.redact_url(url)} gave no full answer within {timeout:g}s"
+                ) from None
+            raise
         if not 200 <= response.status_code < 300:
             raise GenqError(f"receiver {netguard.redact_url(url)} answered {response.status_code}")
 

@@ -16,6 +16,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -69,7 +70,13 @@ class Busy(Exception):
 
 
 def fetch(
-    session: requests.Session, url: str, dest_dir: Path, stem: str, rules: DownloadRules, media: str
+    session: requests.Session,
+    url: str,
+    dest_dir: Path,
+    stem: str,
+    rules: DownloadRules,
+    media: str,
+    on_locked: Callable[[], None] | None = None,
 ) -> Downloaded:
     """Stream ``url`` to ``dest_dir/<stem><ext>``; ``media`` is the expected type family (``image``).
 
@@ -86,6 +93,8 @@ def fetch(
             fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Busy(shown) from None
+        if on_locked is not None:
+            on_locked()  # this delivery is the one trying (it may refuse: too many tries)
         try:
             size, digest, content_type = _fetch_into(session, url, out, rules, media, shown)
         except DownloadRefused:

@@ -10,8 +10,11 @@
     │   └── Throttled               our own shared rate limit said wait; nothing was sent
     ├── PermanentError          retrying cannot help
     │   ├── UpstreamRejected        401, 403, 404, other 4xx
-    │   ├── ProtocolError           malformed JSON, missing fields, unknown status
     │   └── DownloadRefused         an output that may not or cannot be fetched
+    ├── ProtocolError           a 2xx answer outside the contract (malformed JSON, unknown status):
+    │                           the upstream got the request, so a trigger may have been acted on;
+    │                           a status check tries again a bounded number of times
+    ├── EnqueueError            (producer side) the ledger could not record the job; nothing was sent
     ├── JobFailed               (producer side) the job ended failed, timed out or cancelled
     └── WaitTimeout             (producer side) the job did not finish within the wait
 
@@ -78,12 +81,18 @@ class UpstreamRejected(PermanentError):
         return (type(self), (str(self), self.status))
 
 
-class ProtocolError(PermanentError):
-    """The upstream answered something outside the contract."""
+class ProtocolError(GenqError):
+    """The upstream answered 2xx with something outside the contract. Neither transient nor
+    permanent: the request reached the upstream (a trigger may be paid for), and a status check
+    may read fine next time, so callers decide (see the tree above)."""
 
 
 class DownloadRefused(PermanentError):
     """An output URL or its content broke a download rule (scheme, size, type)."""
+
+
+class EnqueueError(GenqError):
+    """(Producer side) the job could not be recorded: the ledger is unreachable. Nothing was sent."""
 
 
 class JobFailed(GenqError):

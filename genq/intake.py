@@ -3,7 +3,6 @@ workflows, so every way in validates and records a job the same way."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,11 +99,24 @@ def _accept_workflow(
         callback=request.callback.model_dump() if request.callback else None,
     )
     if not created.created:
+        # A retry of a request whose first try failed half-way (Redis went away after the workflow
+        # was written): finish what it began rather than hand back a workflow that never starts.
+        earlier = ledger.get(created.id)
+        if earlier is not None and earlier.kind is JobKind.WORKFLOW and earlier.state is JobState.PENDING:
+            return Accepted(created.id, False, None, start_workflow(ledger, earlier.id, request))
         return Accepted(created.id, False, None)
-    # The first step is keyed on the workflow id, so a retried accept never makes two.
-    step = accept(ledger, request.generate, idempotency_key=f"{job_id}:generate", parent_id=job_id)
-    ledger.transition(job_id, [JobState.PENDING], JobState.RUNNING, children=[step.id])
-    return Accepted(job_id, True, JobState.RUNNING, step.to_submit)
+    return Accepted(job_id, True, JobState.RUNNING, start_workflow(ledger, job_id, request))
+
+
+def start_workflow(ledger: Ledger, workflow_id: str, request: WorkflowRequest) -> list[str]:
+    """Record a pending workflow's first step and set it running; returns the jobs to submit. Safe to
+    repeat: the step is keyed on the workflow id, so a second call never makes two."""
+    step = accept(ledger, request.generate, idempotency_key=f"{workflow_id}:generate", parent_id=workflow_id)
+    ledger.transition(workflow_id, [JobState.PENDING], JobState.RUNNING, children=[step.id])
+    if step.created:
+        return step.to_submit
+    made = ledger.get(step.id)  # made by the try that failed half-way
+    return [step.id] if made is not None and made.state is JobState.PENDING else []
 
 
 def intake(ledger: Ledger, payload: Any, request_id: str, settings: Settings) -> list[str]:
@@ -149,9 +161,16 @@ def cancel(ledger: Ledger, job_id: str) -> bool:
     return moved.ok
 
 
-def resubmit(ledger: Ledger, job_id: str) -> bool:
+def resubmit(ledger: Ledger, job_id: str) -> int | None:
     """Deliberately try again a job that ended ``submit_unknown`` (an operator checked the upstream and
-    found no job). Returns False if the job is in another state."""
+    found no job). Returns the step generation to send ``genq.submit`` with, or None if the job is in
+    another state. Its callback is armed afresh, with a new delivery id: the producer was told of the
+    ``submit_unknown`` ending and is told of the real one too (a receiver deduplicating on the delivery
+    id must not drop it), and a delivery still pending for the old ending is dropped."""
+    rec = ledger.get(job_id)
+    if rec is None:
+        return None
+    gen = rec.poll_gen + 1
     moved = ledger.transition(
         job_id,
         [JobState.SUBMIT_UNKNOWN],
@@ -159,8 +178,14 @@ def resubmit(ledger: Ledger, job_id: str) -> bool:
         submit_attempts=0,
         error=None,
         finished_at=None,
-        due_at=time.time(),
+        poll_gen=gen,
+        due_at=ledger.clock(),
+        callback_state=None,
+        callback_attempts=0,
+        callback_error=None,
+        callback_id=uuid.uuid4().hex if rec.callback else None,
     )
-    if moved.ok:
-        ledger.keep(job_id)
-    return moved.ok
+    if not moved.ok:
+        return None
+    ledger.drop_callback_due(job_id)
+    return gen

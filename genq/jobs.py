@@ -20,7 +20,14 @@ from config.settings import PollPolicy, Settings
 from genq import downloads
 from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
-from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
+from genq.errors import (
+    DownloadRefused,
+    PermanentError,
+    ProtocolError,
+    Throttled,
+    TransientError,
+    UpstreamUnavailable,
+)
 from genq.metrics import Recorder
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.netguard import NetPolicy, policy_from
@@ -50,64 +57,82 @@ class JobService:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, job_id: str) -> list[Action]:
+    def submit(self, job_id: str, gen: int = 0) -> list[Action]:
+        """Make the paid POST, once. ``gen`` is the step generation the message was sent for: a message
+        of an older chain (the sweeper re-drove the job since) does nothing."""
         rec = self.ledger.get(job_id)
         if rec is None or rec.kind not in TRIGGERED_KINDS:
             log.warning("submit: no submittable job %s in the ledger; nothing to do", job_id)
             return []
+        if rec.state is JobState.PENDING and rec.upstream_id:
+            # The POST was made and answered, but the move to submitting was lost (a promoted replica
+            # missed it): take up the upstream job rather than pay for a second one.
+            log.warning(
+                "job %s is pending with upstream id %s: polling it, not posting again",
+                job_id,
+                rec.upstream_id,
+            )
+            return self._submitted(rec, rec.upstream_id, rec.upstream_status or "created")
         now = self.clock()
         moved = self.ledger.transition(
             job_id,
             [JobState.PENDING],
             JobState.SUBMITTING,
+            expect_gen=gen,
+            parent_live=True,
             submit_attempts=rec.submit_attempts + 1,
             due_at=now + self._submit_window(),
         )
+        if moved.reason == "parent":
+            reason = f"workflow {rec.parent_id} ended before this step was submitted"
+            return self._end(rec, JobState.CANCELLED, [JobState.PENDING], reason)
         if not moved.ok:
-            return self._submit_found(rec)
+            return [] if moved.reason == "stale" else self._submit_found(rec)
         try:
             upstream = self.api.trigger(rec.kind, rec.request)
-        except Throttled as exc:
-            return self._submit_retry(rec, exc, counted=False)
         except UpstreamUnavailable as exc:
             if exc.ambiguous and not self.settings.api.submit_at_least_once:
-                return self._end(
-                    rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(str(exc))
-                )
+                return self._unknown(rec, str(exc))
             return self._submit_retry(rec, exc)
+        except Throttled as exc:
+            return self._submit_retry(rec, exc, counted=False)
         except TransientError as exc:
             return self._submit_retry(rec, exc)
+        except ProtocolError as exc:
+            # A 2xx answer we cannot read: the upstream accepted the POST, so it may be paid for.
+            return self._unknown(rec, f"unreadable answer: {exc}")
         except PermanentError as exc:
             return self._end(rec, JobState.FAILED, [JobState.SUBMITTING], f"submit refused: {exc}")
-        return self._submitted(rec, upstream)
+        return self._submitted(rec, upstream.job_id, upstream.status.value)
 
-    def _submitted(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
+    def _submitted(self, rec: JobRecord, upstream_id: str, status: str) -> list[Action]:
         now = self.clock()
         policy = self.policy(rec.kind)
         deadline_at = now + policy.deadline
         delay = clamp_to_deadline(poll_delay(policy, 0, self.rng), now, deadline_at)
         actions = self._schedule_poll(
             rec,
-            [JobState.SUBMITTING],
+            # Pending too: the move to submitting may have been lost while the POST went through.
+            [JobState.SUBMITTING, JobState.PENDING],
             JobState.SUBMITTED,
             delay,
-            new_gen=1,
             expect_gen=None,
-            upstream_id=upstream.job_id,
-            upstream_status=upstream.status.value,
+            upstream_id=upstream_id,
+            upstream_status=status,
             deadline_at=deadline_at,
             error=None,
         )
         if actions is None:
-            # Only an operator can move a job out of submitting meanwhile; keep the id for them.
-            log.error("job %s left submitting during the POST; upstream id %s kept", rec.id, upstream.job_id)
-            self.ledger.set_fields(rec.id, upstream_id=upstream.job_id)
+            # Only a cancel or an operator moves a job out of submitting meanwhile; keep the id for them.
+            log.error("job %s left submitting during the POST; upstream id %s kept", rec.id, upstream_id)
+            self.ledger.set_fields(rec.id, upstream_id=upstream_id)
             return []
-        log.info("job %s submitted as upstream %s; first poll in %.1fs", rec.id, upstream.job_id, delay)
+        log.info("job %s submitted as upstream %s; first poll in %.1fs", rec.id, upstream_id, delay)
         return actions
 
     def _submit_retry(self, rec: JobRecord, exc: TransientError, counted: bool = True) -> list[Action]:
-        """Back to pending for a later try. A throttled try (nothing was sent) is not counted."""
+        """Back to pending for a later try, as a new step generation (so a duplicate chain dies). A
+        throttled try (nothing was sent) is not counted."""
         attempts = rec.submit_attempts + 1 if counted else rec.submit_attempts
         if attempts >= MAX_SUBMIT_ATTEMPTS:
             return self._end(
@@ -117,20 +142,25 @@ class JobService:
             delay = error_delay(self.settings.poll.error_backoff, attempts, exc.retry_after, 60.0, self.rng)
         else:
             delay = exc.retry_after or 0.1
-        held = delay > self.settings.poll.countdown_max
+        gen = rec.poll_gen + 1
+        held = self._held(delay)
         moved = self.ledger.transition(
             rec.id,
             [JobState.SUBMITTING],
             JobState.PENDING,
             error=str(exc),
             submit_attempts=attempts,
+            poll_gen=gen,
             due_at=self.clock() + delay,
             held=held,
         )
         if not moved.ok:
             return []
         log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, delay)
-        return [] if held else [SubmitLater(rec.id, delay)]
+        return [] if held else [SubmitLater(rec.id, delay, gen)]
+
+    def _unknown(self, rec: JobRecord, detail: str) -> list[Action]:
+        return self._end(rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(detail))
 
     def _submit_found(self, rec: JobRecord) -> list[Action]:
         """A submit delivered for a job that is not pending: a duplicate, or a crash mid-POST."""
@@ -143,16 +173,17 @@ class JobService:
         # been made and paid for; repeating it could pay twice, so stop and say so (unless the
         # settings accept paying twice over losing a job).
         if self.settings.api.submit_at_least_once:
+            gen = current.poll_gen + 1
             moved = self.ledger.transition(
-                rec.id, [JobState.SUBMITTING], JobState.PENDING, error="submit interrupted; retrying"
+                rec.id,
+                [JobState.SUBMITTING],
+                JobState.PENDING,
+                error="submit interrupted; retrying",
+                poll_gen=gen,
+                due_at=self.clock(),
             )
-            return [SubmitLater(rec.id, 0.0)] if moved.ok else []
-        return self._end(
-            current,
-            JobState.SUBMIT_UNKNOWN,
-            [JobState.SUBMITTING],
-            _unknown_reason("the submitting worker stopped before recording the upstream's answer"),
-        )
+            return [SubmitLater(rec.id, 0.0, gen)] if moved.ok else []
+        return self._unknown(current, "the submitting worker stopped before recording the upstream's answer")
 
     def _submit_window(self) -> float:
         return self.settings.api.connect_timeout + self.settings.api.read_timeout + 5.0
@@ -176,8 +207,10 @@ class JobService:
         try:
             upstream = self.api.get_job(rec.upstream_id)
         except Throttled as exc:
-            # Nothing was sent: the same poll generation tries again after the limiter's wait.
-            return [PollLater(job_id, gen, exc.retry_after or 0.1)]
+            # Nothing was sent and nothing counts; the wait is recorded like any other, so a long one
+            # is held in Redis and the sweeper does not re-drive the job meanwhile.
+            wait = clamp_to_deadline(exc.retry_after or 0.1, now, rec.deadline_at or now + 1.0)
+            return self._schedule_poll(rec, [rec.state], rec.state, wait) or []
         except (TransientError, ProtocolError) as exc:
             return self._poll_error(rec, exc)
         except PermanentError as exc:
@@ -249,7 +282,6 @@ class JobService:
         state: JobState,
         delay: float,
         *,
-        new_gen: int | None = None,
         expect_gen: int | object | None = KEEP,
         **fields: Any,
     ) -> list[Action] | None:
@@ -260,8 +292,8 @@ class JobService:
         memory and a broker redelivers them after the visibility timeout, so long waits cost neither.
         Returns None when the record had moved on (nothing scheduled).
         """
-        gen = rec.poll_gen + 1 if new_gen is None else new_gen
-        held = delay > self.settings.poll.countdown_max
+        gen = rec.poll_gen + 1
+        held = self._held(delay)
         moved = self.ledger.transition(
             rec.id,
             allowed,
@@ -313,7 +345,10 @@ class JobService:
 
     # ------------------------------------------------------------------ download / finalize
 
-    def download(self, job_id: str, index: int, attempt: int) -> list[Action]:
+    def download(self, job_id: str, index: int, attempt: int = 0) -> list[Action]:
+        """Fetch one output. Tries are counted in the ledger when one starts (not in the message), so
+        however the messages come (retries, sweeper re-drives, a worker dying mid-file every time) an
+        output gets at most ``download.max_attempts`` tries. ``attempt`` is kept for old messages."""
         rec = self.ledger.get(job_id)
         if rec is None or rec.state is not JobState.DOWNLOADING:
             return []
@@ -322,26 +357,32 @@ class JobService:
         url = self.ledger.get_url(job_id, index)
         if url is None:
             return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index}: no URL recorded")
-        rules = self.download_rules()
+        limit = self.settings.download.max_attempts
+        tries = 0
+
+        def started() -> None:
+            nonlocal tries
+            tries = self.ledger.count_try(job_id, f"try:{index}")
+            if tries > limit:
+                raise DownloadRefused(f"no try of {limit} finished (the worker stopped mid-file)")
+
         try:
             got = downloads.fetch(
-                self.files, url, self.settings.download.dir / job_id, f"{index:02d}", rules, MEDIA[rec.kind]
+                self.files,
+                url,
+                self.settings.download.dir / job_id,
+                f"{index:02d}",
+                self.download_rules(),
+                MEDIA[rec.kind],
+                on_locked=started,
             )
         except downloads.Busy:
             return []  # a duplicate delivery is already downloading this file
+        except OSError as exc:
+            # Our own disk (no space, read-only, permissions, too many open files): maybe passing.
+            return self._download_retry(rec, index, tries, TransientError(f"local I/O error: {exc}"))
         except TransientError as exc:
-            if attempt + 1 >= self.settings.download.max_attempts:
-                return self._end(
-                    rec,
-                    JobState.FAILED,
-                    [JobState.DOWNLOADING],
-                    f"output {index}: failed {attempt + 1} times: {exc}",
-                )
-            delay = error_delay(
-                self.settings.poll.error_backoff, attempt + 1, exc.retry_after, 60.0, self.rng
-            )
-            log.warning("job %s output %d: %s; again in %.1fs", job_id, index, exc, delay)
-            return [Download(job_id, index, attempt + 1, delay)]
+            return self._download_retry(rec, index, tries, exc)
         except PermanentError as exc:
             return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index}: {exc}")
         output = OutputFile(
@@ -356,6 +397,14 @@ class JobService:
         if remaining >= 0 and self.recorder is not None:
             self.recorder.download(got.bytes)
         return [Finalize(job_id)] if remaining == 0 else []
+
+    def _download_retry(self, rec: JobRecord, index: int, tries: int, exc: TransientError) -> list[Action]:
+        if tries >= self.settings.download.max_attempts:
+            reason = f"output {index}: failed {max(tries, 1)} times: {exc}"
+            return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], reason)
+        delay = error_delay(self.settings.poll.error_backoff, max(tries, 1), exc.retry_after, 60.0, self.rng)
+        log.warning("job %s output %d: %s; again in %.1fs", rec.id, index, exc, delay)
+        return [Download(rec.id, index, tries, delay)]
 
     def finalize(self, job_id: str) -> list[Action]:
         rec = self.ledger.get(job_id)
@@ -376,6 +425,11 @@ class JobService:
         return self._ended(rec, JobState.SUCCEEDED, None)
 
     # ------------------------------------------------------------------ helpers
+
+    def _held(self, delay: float) -> bool:
+        """A wait longer than ``poll.countdown_max`` is held in Redis (the sweeper sends its message at
+        the due time) rather than as a countdown a worker holds in memory and the broker may redeliver."""
+        return delay > self.settings.poll.countdown_max
 
     def policy(self, kind: JobKind) -> PollPolicy:
         poll = self.settings.poll
@@ -418,8 +472,14 @@ class JobService:
 
     def release(self, job_id: str) -> list[Action]:
         """A parked job's model is ready: submit it."""
-        moved = self.ledger.transition(job_id, [JobState.PARKED], JobState.PENDING, due_at=self.clock())
-        return [SubmitLater(job_id, 0.0)] if moved.ok else []
+        rec = self.ledger.get(job_id)
+        if rec is None:
+            return []
+        gen = rec.poll_gen + 1
+        moved = self.ledger.transition(
+            job_id, [JobState.PARKED], JobState.PENDING, poll_gen=gen, due_at=self.clock()
+        )
+        return [SubmitLater(job_id, 0.0, gen)] if moved.ok else []
 
     def abandon(self, job_id: str, reason: str) -> list[Action]:
         """End a job that cannot make progress, whatever step it is at."""

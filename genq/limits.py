@@ -3,8 +3,9 @@ every worker on every host obeys the same numbers.
 
 Each limit is one Lua script timed by Redis's own clock (so hosts with skewed clocks agree):
 
-- **rate**: a sliding one-second window per endpoint family and one over all of them; a call is admitted
-  only while fewer than ``rate`` calls were admitted in the last second, so no second ever sees more.
+- **rate**: a sliding window per endpoint family and one over all of them. A rate ``r`` admits
+  ``n = ceil(r)`` calls in any ``n / r`` seconds: ``0.2`` is one call per 5 s, ``2.5`` three per 1.2 s,
+  ``40`` forty per second; no second ever sees more than ``n``.
 - **concurrency**: a semaphore of leases (a sorted set scored by expiry), so a worker killed mid-call
   frees its slot when the lease runs out.
 - **back-off**: after a 429 the upstream is closed until its Retry-After for every worker, not just the
@@ -26,20 +27,25 @@ from genq import keys
 
 _ACQUIRE = """
 -- KEYS: blocked (all families), family window, total window, semaphore
--- ARGV: family rate, total rate, max concurrent, lease seconds, token, window seconds
+-- ARGV: family rate, total rate, max concurrent, lease seconds, token, window slack (1.05)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
 if blocked > now then return {0, tostring(blocked - now)} end
-local window = tonumber(ARGV[6])
+-- A rate r admits n = ceil(r) calls in any window of n / r seconds (times the slack in ARGV[6]):
+-- r per second on average, fractional rates included, and never more than n in one second.
+local rates = {tonumber(ARGV[1]), tonumber(ARGV[2])}
+local counts, windows = {}, {}
 local wait = 0
-for i, rate in ipairs({tonumber(ARGV[1]), tonumber(ARGV[2])}) do
+for i, rate in ipairs(rates) do
   if rate > 0 then
+    counts[i] = math.ceil(rate)
+    windows[i] = counts[i] / rate * tonumber(ARGV[6])
     local key = KEYS[i + 1]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-    if redis.call('ZCARD', key) >= rate then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - windows[i])
+    if redis.call('ZCARD', key) >= counts[i] then
       local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      wait = math.max(wait, tonumber(oldest[2]) + window - now)
+      wait = math.max(wait, tonumber(oldest[2]) + windows[i] - now)
     end
   end
 end
@@ -52,10 +58,10 @@ if cap > 0 then
   end
 end
 if wait > 0 then return {0, tostring(wait)} end
-for i, rate in ipairs({tonumber(ARGV[1]), tonumber(ARGV[2])}) do
+for i, rate in ipairs(rates) do
   if rate > 0 then
     redis.call('ZADD', KEYS[i + 1], now, ARGV[5])
-    redis.call('EXPIRE', KEYS[i + 1], 10)
+    redis.call('EXPIRE', KEYS[i + 1], math.ceil(windows[i]) + 1)
   end
 end
 if cap > 0 then
@@ -86,9 +92,9 @@ class Limits:
     total_rate: float = 0.0
     max_concurrent: int = 0
     lease_seconds: float = 60.0
-    window_seconds: float = (
-        1.05  # a little over a second, so network jitter cannot show R+1 in a second upstream
-    )
+    window_slack: float = 1.05
+    """Windows are this much longer than the rate needs, so network jitter cannot show one call
+    too many in a second upstream."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class UpstreamLimiter:
                 self.limits.max_concurrent,
                 self.limits.lease_seconds,
                 token,
-                self.limits.window_seconds,
+                self.limits.window_slack,
             ],
         )
         return (Permit(token), 0.0) if ok else (None, max(0.001, float(wait)))

@@ -8,30 +8,31 @@ failed, so a job can never be parked after the release that should have freed it
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 
 from genq import keys
+from genq.clock import Clock, RedisClock
 from genq.models import ModelRecord, ModelState
 from genq.store import CLAIM_DUE, Transition, as_text, to_field
 
 _REQUEST = """
--- KEYS: model, history, models, due. ARGV: id, now, force ('1'/'0'), deadline, due
+-- KEYS: model, history, models, due. ARGV: id, now, force ('1'/'0'), deadline (seconds), due
+-- Returns {step generation of the train message to send (0: none), state found}.
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur == 'requested' or cur == 'training' then return {0, cur} end
 if cur == 'ready' and ARGV[3] ~= '1' then return {0, cur} end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'state', 'requested', 'requested_at', ARGV[2],
-           'updated_at', ARGV[2], 'deadline_at', ARGV[4], 'error', '', 'errors_in_row', 0, 'checks', 0,
-           'ready_at', '', 'started_at', '')
-redis.call('HINCRBY', KEYS[1], 'poll_gen', 1)
+           'updated_at', ARGV[2], 'deadline_at', tonumber(ARGV[2]) + tonumber(ARGV[4]), 'error', '',
+           'errors_in_row', 0, 'checks', 0, 'ready_at', '', 'started_at', '', 'call_started_at', '')
+local gen = redis.call('HINCRBY', KEYS[1], 'poll_gen', 1)
 redis.call('ZADD', KEYS[3], 'NX', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 local entry = {at = tonumber(ARGV[2]), event = 'requested', from = cur or 'untrained'}
 redis.call('RPUSH', KEYS[2], cjson.encode(entry))
-return {1, cur or 'untrained'}
+return {gen, cur or 'untrained'}
 """
 
 _TRANSITION = """
@@ -60,25 +61,24 @@ return {1, cur, 'ok', released}
 class ModelLedger:
     """Model records. Plain Python: no Celery here."""
 
-    def __init__(
-        self, client: redis.Redis, *, grace: float = 30.0, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, client: redis.Redis, *, grace: float = 30.0, clock: Clock | None = None) -> None:
         self.redis = client
         self.grace = grace
-        self.clock = clock
+        self.clock: Clock = clock or RedisClock(client)
         self._request = client.register_script(_REQUEST)
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(CLAIM_DUE)
 
-    def request(self, model_id: str, *, deadline_at: float, force: bool = False) -> bool:
-        """Mark training requested; False when it is already requested, training, or ready (unless
-        ``force``). Only the caller that gets True sends the train task: one upstream call per model."""
+    def request(self, model_id: str, *, deadline: float, force: bool = False) -> int:
+        """Mark training requested, to end within ``deadline`` seconds. Returns the step generation of
+        the train message to send, or 0 when it is already requested, training, or ready (unless
+        ``force``): only the caller that gets a generation sends it, so one upstream call per model."""
         now = self.clock()
-        started, _ = self._request(
+        gen, _ = self._request(
             keys=[keys.model(model_id), keys.model_history(model_id), keys.MODELS, keys.MODELS_DUE],
-            args=[model_id, now, "1" if force else "0", deadline_at, now + self.grace],
+            args=[model_id, now, "1" if force else "0", deadline, now + self.grace],
         )
-        return bool(started)
+        return int(gen)
 
     def transition(
         self,
@@ -143,14 +143,15 @@ class ModelLedger:
         return ModelRecord.from_hash(fields, [as_text(h) for h in hist], int(parked))
 
     def claim_due(self, limit: int = 100) -> list[tuple[str, ModelState, int]]:
-        """Models whose next step is due, as ``(id, state, poll_gen)`` (see ``Ledger.claim_due``)."""
+        """Models whose next step is due, as ``(id, state, poll_gen)`` (see ``Ledger.claim_due``): the
+        claim starts a new step generation, so the train or check message it leads to is the only live one."""
         flat = self._claim(
             keys=[keys.MODELS_DUE],
-            args=[self.clock(), limit, self.grace, keys.MODEL_PREFIX, ModelState.TRAINING.value],
+            args=[self.clock(), limit, self.grace, keys.MODEL_PREFIX, "requested,training"],
         )
         return [
             (as_text(flat[i]), ModelState(as_text(flat[i + 1])), int(flat[i + 2]))
-            for i in range(0, len(flat), 3)
+            for i in range(0, len(flat), 4)
         ]
 
     def list_ids(self, limit: int = 100) -> list[str]:

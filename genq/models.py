@@ -420,6 +420,8 @@ class ModelRecord(BaseModel):
     deadline_at: float | None = None
     checks: int = 0
     train_calls: int = 0
+    call_started_at: float | None = None
+    """When the train call of this request began: set before the call, so it is never made twice."""
     poll_gen: int = 0
     errors_in_row: int = 0
     upstream_status: str | None = None

@@ -27,6 +27,7 @@ from urllib3.util.connection import allowed_gai_family
 
 from config.settings import OutboundRules
 from genq.errors import DownloadRefused
+from genq.wallclock import tracking
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NUMBER = re.compile(r"0x[0-9a-f]*|[0-9]+")  # a label inet_aton would read as a number
@@ -245,7 +246,8 @@ def _pool_classes(policy: NetPolicy) -> dict[str, type[HTTPConnectionPool]]:
     class GuardedHTTPSPool(HTTPSConnectionPool):
         ConnectionCls = GuardedHTTPSConnection
 
-    return {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
+    # Tracking, so that a wall-clock limit (genq.wallclock) can cut a call that drips.
+    return {"http": tracking(GuardedHTTPPool), "https": tracking(GuardedHTTPSPool)}
 
 
 class GuardedAdapter(HTTPAdapter):

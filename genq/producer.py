@@ -13,6 +13,7 @@ input raises :class:`~genq.errors.InvalidRequest` and leaves no trace in Redis o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from config.celeryconf import TASK_QUEUES, celery_config
 from config.settings import Settings, get_settings
 from genq import intake
 from genq.callbacks import check_callback
-from genq.errors import GenqError, InvalidRequest, JobFailed, WaitTimeout
+from genq.errors import EnqueueError, GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
 from genq.metrics import sent_at_header
 from genq.model_store import ModelLedger
@@ -33,9 +34,8 @@ from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
 from genq.services import ledger_for, redis_client
 from genq.store import JobEvent
 
-
-class EnqueueError(GenqError):
-    """The job could not be handed to the workers; the message says whether it was recorded."""
+log = logging.getLogger(__name__)
+__all__ = ["EnqueueError", "JobHandle", "Producer"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Producer:
         self.settings = settings or get_settings()
         self.redis: redis.Redis = redis_client(self.settings)
         self.ledger = ledger_for(self.redis, self.settings)
-        self.models = ModelLedger(self.redis, grace=self.settings.worker.sweep_grace)
+        self.models = ModelLedger(self.redis, grace=self.settings.worker.sweep_grace, clock=self.ledger.clock)
         self.celery = Celery("genqueue-producer", set_as_current=False)
         self.celery.conf.update(celery_config(self.settings))
 
@@ -137,23 +137,19 @@ class Producer:
             self._send(job_id)
         return JobHandle(accepted.id, accepted.created, self)
 
-    def _send(self, job_id: str) -> None:
+    def _send(self, job_id: str, gen: int = 0) -> None:
         try:
             self.celery.send_task(
-                "genq.submit", args=[job_id], queue=TASK_QUEUES["genq.submit"], headers=sent_at_header()
+                "genq.submit", args=[job_id, gen], queue=TASK_QUEUES["genq.submit"], headers=sent_at_header()
             )
         except Exception as exc:  # kombu raises several unrelated types for a dead broker
-            try:
-                self.ledger.transition(
-                    job_id,
-                    [JobState.PENDING],
-                    JobState.FAILED,
-                    error=f"could not enqueue: {type(exc).__name__}",
-                )
-                recorded = "it was marked failed"
-            except redis.RedisError:
-                recorded = "it stays pending in the ledger"
-            raise EnqueueError(f"job {job_id} not enqueued ({type(exc).__name__}); {recorded}") from None
+            # The job is recorded and due: the sweeper sends it once the broker is back. Failing it
+            # here would also tie its idempotency key to a failed job for the key's whole life.
+            log.warning(
+                "job %s recorded, but the broker refused its message (%s); the sweeper will send it",
+                job_id,
+                type(exc).__name__,
+            )
 
     def _output_id(self, job_id: str, index: int) -> str:
         record = self.status(job_id)
@@ -171,10 +167,10 @@ class Producer:
         """Start training ``model_id`` unless it is already training (or ready, unless ``force``).
         Any number of concurrent calls make one upstream train call and one poll chain."""
         model_id = _model_id(model_id)
-        deadline_at = time.time() + self.settings.poll.model.deadline
-        if self.models.request(model_id, deadline_at=deadline_at, force=force):
+        gen = self.models.request(model_id, deadline=self.settings.poll.model.deadline, force=force)
+        if gen:
             self.celery.send_task(
-                "genq.train", args=[model_id], queue=TASK_QUEUES["genq.train"], headers=sent_at_header()
+                "genq.train", args=[model_id, gen], queue=TASK_QUEUES["genq.train"], headers=sent_at_header()
             )
         return self.model_status(model_id)
 
@@ -252,9 +248,10 @@ class Producer:
         """Submit again a job that ended ``submit_unknown``, after checking upstream that it never
         started: the one deliberate way to risk a second paid POST. False for any other state."""
         self.status(job_id)
-        if not intake.resubmit(self.ledger, job_id):
+        gen = intake.resubmit(self.ledger, job_id)
+        if gen is None:
             return False
-        self._send(job_id)
+        self._send(job_id, gen)
         return True
 
     def cancel(self, job_id: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 
 import redis
@@ -13,6 +12,7 @@ from genq import keys, metrics
 from genq.actions import Action
 from genq.api import UpstreamClient
 from genq.callbacks import CallbackService, callback_policy
+from genq.clock import Clock
 from genq.jobs import JobService, net_policy
 from genq.limits import Limits, UpstreamLimiter
 from genq.model_store import ModelLedger
@@ -34,8 +34,9 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
-def ledger_for(client: redis.Redis, settings: Settings) -> Ledger:
-    return Ledger(client, job_ttl=settings.worker.job_ttl, grace=settings.worker.sweep_grace)
+def ledger_for(client: redis.Redis, settings: Settings, clock: Clock | None = None) -> Ledger:
+    """The ledger; its clock (Redis's, see :mod:`genq.clock`) is the one every service of the process uses."""
+    return Ledger(client, job_ttl=settings.worker.job_ttl, grace=settings.worker.sweep_grace, clock=clock)
 
 
 @dataclass
@@ -80,12 +81,13 @@ class Services:
         # every connection it makes is checked against the SSRF policy on the address it connects to.
         files = guarded_session(net_policy(settings))
         rng = random.Random()
-        jobs = JobService(settings, ledger, api, files, time.time, rng, WorkflowService(ledger), recorder)
-        models = ModelLedger(client, grace=settings.worker.sweep_grace)
-        training = TrainingService(settings, models, api, jobs, time.time, rng)
-        sweeper = Sweeper(ledger, models, jobs, time.time)
+        clock = ledger.clock
+        jobs = JobService(settings, ledger, api, files, clock, rng, WorkflowService(ledger), recorder)
+        models = ModelLedger(client, grace=settings.worker.sweep_grace, clock=clock)
+        training = TrainingService(settings, models, api, jobs, clock, rng)
+        sweeper = Sweeper(ledger, models, jobs, clock)
         receivers = guarded_session(callback_policy(settings))
-        callbacks = CallbackService(settings, ledger, receivers, time.time, rng)
+        callbacks = CallbackService(settings, ledger, receivers, clock, rng)
         return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks)
 
     def deliveries(self, task_id: str) -> int:

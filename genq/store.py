@@ -9,24 +9,26 @@ task that finds the record in an unexpected state does nothing.
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
 
 from genq import keys
-from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile
+from genq.clock import Clock, RedisClock
+from genq.models import POLLING_STATES, TERMINAL_STATES, JobKind, JobRecord, JobState, OutputFile
 
 KEEP: Final = object()
 """``due_at`` value: leave the job's due time as it is."""
 
 _TRANSITION = """
--- KEYS: job, events, due, counts, callbacks due
+-- KEYS: job, events, due, counts, callbacks due, expiring
 -- ARGV: id, from (comma list), to, now, expect_gen, due ('' keep, '-' drop, else score), ttl,
---       callback due score (used when the job ends and has a callback), fields...
+--       callback due score (used when the job ends and has a callback), parent must be live ('1'/''),
+--       fields...
+local terminal = @TERMINAL@
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, '', 'missing'} end
 local allowed = false
@@ -35,8 +37,13 @@ if not allowed then return {0, cur, 'state'} end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'poll_gen') ~= ARGV[5] then return {0, cur, 'stale'} end
 local kind = redis.call('HGET', KEYS[1], 'kind')
 local parent = redis.call('HGET', KEYS[1], 'parent_id') or ''
+if ARGV[9] == '1' and parent ~= '' then
+  -- Checked in the same step as the move, so a cancel of the workflow cannot slip in between.
+  local ps = redis.call('HGET', '@JOB_PREFIX@' .. parent, 'state')
+  if ps == false or terminal[ps] then return {0, cur, 'parent'} end
+end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[4])
-for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[7] ~= '' and (redis.call('HGET', KEYS[1], 'callback') or '') ~= ''
    and (redis.call('HGET', KEYS[1], 'callback_state') or '') == '' then
   -- Recorded in the same step as the ending, so a crash right after cannot lose the callback.
@@ -48,6 +55,12 @@ elseif ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
 if ARGV[7] ~= '' then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('EXPIRE', KEYS[1] .. ':urls', ARGV[7])
+  -- So the listing index can drop the id when the record expires (see TRIM).
+  redis.call('ZADD', KEYS[6], tonumber(ARGV[4]) + tonumber(ARGV[7]), ARGV[1])
+elseif terminal[cur] then
+  -- Brought back from an ending (resubmit): the record lives again until its next ending.
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', KEYS[6], ARGV[1])
 end
 if cur ~= ARGV[3] then
   redis.call('HINCRBY', KEYS[4], kind .. ':' .. cur, -1)
@@ -56,7 +69,18 @@ if cur ~= ARGV[3] then
              'from', cur, 'to', ARGV[3], 'at', ARGV[4], 'parent', parent)
 end
 return {1, cur, 'ok'}
-""".replace("@MAXLEN@", str(keys.EVENTS_MAXLEN))
+"""
+
+
+def _lua_set(values: Iterable[str]) -> str:
+    return "{" + ", ".join(f"['{v}'] = true" for v in sorted(values)) + "}"
+
+
+_TRANSITION = (
+    _TRANSITION.replace("@MAXLEN@", str(keys.EVENTS_MAXLEN))
+    .replace("@JOB_PREFIX@", keys.JOB_PREFIX)
+    .replace("@TERMINAL@", _lua_set(s.value for s in TERMINAL_STATES))
+)
 
 _CREATE = """
 -- KEYS: job, events, jobs, due, counts, idem ('' when none), model ('' when none), model's parked set
@@ -86,29 +110,55 @@ return {1, ARGV[1], state}
 """
 
 CLAIM_DUE = """
--- KEYS: due index. ARGV: now, limit, seconds to push a claimed entry forward, record key prefix,
--- polling states (comma list). Records are read by prefix: this ledger is one Redis, not a cluster.
--- Claims what is due: pushes it forward (so the next sweep does not claim it again) and, for a job
--- being polled, starts a new poll generation so that any late message of the old one is stale.
+-- KEYS: due index. ARGV: now, limit, grace, record key prefix, states that get a new step generation
+-- (comma list). Records are read by prefix: this ledger is one Redis, not a cluster.
+-- Claims what is due: pushes it forward (so the next sweep does not claim it again) and, for a job in
+-- one of the listed states, starts a new step generation so that any late message of the old chain
+-- is stale. The push grows with the time the record has not moved (up to ten graces): a job held up
+-- behind a long queue is re-driven ever less often instead of once per grace, so a backlog cannot
+-- feed on itself.
 local now = tonumber(ARGV[1])
-local polling = {}
-for s in string.gmatch(ARGV[5], '[^,]+') do polling[s] = true end
+local grace = tonumber(ARGV[3])
+local bump = {}
+for s in string.gmatch(ARGV[5], '[^,]+') do bump[s] = true end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
   local key = ARGV[4] .. id
-  local state = redis.call('HGET', key, 'state')
+  local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind')
+  local state = rec[1]
   if not state then
     redis.call('ZREM', KEYS[1], id)
   else
-    local gen = tonumber(redis.call('HGET', key, 'poll_gen') or '0')
-    if polling[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
+    local gen = tonumber(rec[2] or '0')
+    if bump[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
+    local idle = now - tonumber(rec[3] or now)
+    redis.call('ZADD', KEYS[1], now + math.max(grace, math.min(idle, 10 * grace)), id)
     table.insert(out, id)
     table.insert(out, state)
     table.insert(out, tostring(gen))
+    table.insert(out, rec[4] or '')
   end
 end
 return out
+"""
+
+_TRIM = """
+-- KEYS: expiring, jobs, due, callbacks due. ARGV: now, limit, record key prefix.
+-- Drops from every index the ids whose records have expired, so no index outlives its records.
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))) do
+  if redis.call('EXISTS', ARGV[3] .. id) == 0 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[4], id)
+    redis.call('ZREM', KEYS[1], id)
+    n = n + 1
+  else
+    -- Not gone yet (Redis expires lazily, a little after the TTL): look again a minute later.
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + 60, id)
+  end
+end
+return n
 """
 
 _RECORD_OUTPUT = """
@@ -161,6 +211,21 @@ class Created:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A job the sweeper claimed: its state and step generation as of the claim, and its kind."""
+
+    id: str
+    state: JobState
+    gen: int
+    kind: str
+
+
+CHAINED_STATES = frozenset({JobState.PENDING, *POLLING_STATES})
+"""States whose next step is one message chain, numbered by the record's ``poll_gen``: a message of an
+older generation does nothing, so a re-drive never leaves two chains alive."""
+
+
+@dataclass(frozen=True)
 class Transition:
     """The outcome of a compare-and-set: ``ok`` and the state found before it."""
 
@@ -186,13 +251,14 @@ class Ledger:
         *,
         job_ttl: int = 7 * 86400,
         grace: float = 30.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self.redis = client
         self.job_ttl = job_ttl
         self.grace = grace
-        self.clock = clock
+        self.clock: Clock = clock or RedisClock(client)
         self._transition = client.register_script(_TRANSITION)
+        self._trim = client.register_script(_TRIM)
         self._create = client.register_script(_CREATE)
         self._record_output = client.register_script(_RECORD_OUTPUT)
         self._claim = client.register_script(CLAIM_DUE)
@@ -253,6 +319,7 @@ class Ledger:
         expect_gen: int | None = None,
         due_at: float | object | None = KEEP,
         held: bool = False,
+        parent_live: bool = False,
         **fields: Any,
     ) -> Transition:
         """Move ``job_id`` to ``to`` if it is in one of ``allowed`` (and, with ``expect_gen``, its poll
@@ -261,7 +328,10 @@ class Ledger:
         ``due_at`` is when the job's next step is expected: the sweeper re-drives it ``grace`` seconds
         after that if no message did. With ``held`` no message is sent at all (a long wait kept in Redis
         only) and the sweeper dispatches it right at ``due_at``. ``None`` drops the job from the due
-        index; :data:`KEEP` leaves it. Terminal states drop it and start the record's TTL."""
+        index; :data:`KEEP` leaves it. Terminal states drop it and start the record's TTL.
+
+        With ``parent_live`` the move is refused (reason ``'parent'``) when the job's workflow has
+        ended, checked in the same atomic step."""
         if to.terminal:
             due_at = None
             fields.setdefault("finished_at", self.clock())
@@ -280,11 +350,13 @@ class Ledger:
             due,
             self.job_ttl if to.terminal else "",
             self.clock() + self.grace,
+            "1" if parent_live else "",
         ]
         for name, value in fields.items():
             args += [name, to_field(value)]
         ok, prev, reason = self._transition(
-            keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS, keys.CALLBACKS_DUE], args=args
+            keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS, keys.CALLBACKS_DUE, keys.EXPIRING],
+            args=args,
         )
         prev_text = as_text(prev)
         return Transition(bool(ok), JobState(prev_text) if prev_text else None, as_text(reason))
@@ -297,9 +369,9 @@ class Ledger:
         )
         return int(remaining)
 
-    def keep(self, job_id: str) -> None:
-        """Cancel the expiry a terminal state started (a job brought back by an operator)."""
-        self.redis.persist(keys.job(job_id))
+    def count_try(self, job_id: str, field: str) -> int:
+        """Add one to a counter on the job's record (tries of one output); returns the new count."""
+        return int(self.redis.hincrby(keys.job(job_id), field, 1))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Write fields without a state change; only for facts that must not be lost (an upstream id)."""
@@ -380,12 +452,20 @@ class Ledger:
             pipe.zadd(keys.CALLBACKS_DUE, {job_id: retry_at})
         pipe.execute()
 
+    def drop_callback_due(self, job_id: str) -> None:
+        """No callback is due for the job (any more)."""
+        self.redis.zrem(keys.CALLBACKS_DUE, job_id)
+
     def claim_callbacks(self, limit: int = 500) -> list[str]:
         """Jobs whose callback delivery is due (or whose delivery message was lost)."""
         flat = self._claim(
             keys=[keys.CALLBACKS_DUE], args=[self.clock(), limit, self.grace, keys.JOB_PREFIX, ""]
         )
-        return [as_text(flat[i]) for i in range(0, len(flat), 3)]
+        return [as_text(flat[i]) for i in range(0, len(flat), 4)]
+
+    def begin_sweep(self, min_gap: float) -> bool:
+        """True for the one sweep that may run now: none began in the last ``min_gap`` seconds."""
+        return bool(self.redis.set(keys.SWEEP_LOCK, "1", nx=True, px=max(1, int(min_gap * 1000))))
 
     def mark_swept(self) -> None:
         self.redis.set(keys.SWEEP_LAST, repr(self.clock()))
@@ -394,9 +474,9 @@ class Ledger:
         value = self.redis.get(keys.SWEEP_LAST)
         return None if value is None else float(as_text(value))
 
-    def claim_due(self, limit: int = 500) -> list[tuple[str, JobState, int]]:
-        """Jobs whose next step is due (or overdue: no message came), as ``(id, state, poll_gen)``;
-        each is pushed ``grace`` seconds forward, and a polled job gets a new poll generation."""
+    def claim_due(self, limit: int = 500) -> list[Claimed]:
+        """Jobs whose next step is due (or overdue: no message came); each is pushed forward, and a
+        job waiting to be submitted or polled gets a new step generation (its old chain goes stale)."""
         flat = self._claim(
             keys=[keys.DUE],
             args=[
@@ -404,13 +484,22 @@ class Ledger:
                 limit,
                 self.grace,
                 keys.JOB_PREFIX,
-                ",".join(s.value for s in POLLING_STATES),
+                ",".join(s.value for s in CHAINED_STATES),
             ],
         )
         return [
-            (as_text(flat[i]), JobState(as_text(flat[i + 1])), int(flat[i + 2]))
-            for i in range(0, len(flat), 3)
+            Claimed(as_text(flat[i]), JobState(as_text(flat[i + 1])), int(flat[i + 2]), as_text(flat[i + 3]))
+            for i in range(0, len(flat), 4)
         ]
+
+    def trim(self, limit: int = 1000) -> int:
+        """Drop the ids of expired records from every index; returns how many went."""
+        return int(
+            self._trim(
+                keys=[keys.EXPIRING, keys.JOBS, keys.DUE, keys.CALLBACKS_DUE],
+                args=[self.clock(), limit, keys.JOB_PREFIX],
+            )
+        )
 
 
 def as_text(value: Any) -> str:

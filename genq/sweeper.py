@@ -27,7 +27,7 @@ from genq.actions import (
 from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import POLLING_STATES, JobKind, JobState, ModelState
-from genq.store import Ledger
+from genq.store import Claimed, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -39,54 +39,63 @@ class Sweeper:
     jobs: JobService
     clock: Callable[[], float]
 
-    def sweep(self, batch: int = 500, max_batches: int = 20) -> tuple[list[Action], Counter[str]]:
-        """Claim what is due and return the actions that drive it on, with counts by state."""
+    def sweep(
+        self, batch: int = 500, max_batches: int = 20, min_gap: float = 0.0
+    ) -> tuple[list[Action], Counter[str]]:
+        """Claim what is due and return the actions that drive it on, with counts by state. Does
+        nothing when another sweep began less than ``min_gap`` seconds ago."""
         actions: list[Action] = []
         seen: Counter[str] = Counter()
+        if min_gap > 0 and not self.ledger.begin_sweep(min_gap):
+            return actions, seen
         for _ in range(max_batches):
             claimed = self.ledger.claim_due(batch)
-            for job_id, state, gen in claimed:
-                seen[state.value] += 1
-                actions += self._drive_job(job_id, state, gen)
+            for job in claimed:
+                seen[job.state.value] += 1
+                actions += self._drive_job(job)
             if len(claimed) < batch:
                 break
         for model_id, model_state, gen in self.models.claim_due(batch):
             seen[f"model:{model_state.value}"] += 1
             if model_state is ModelState.REQUESTED:
-                actions.append(TrainLater(model_id, 0.0))
+                actions.append(TrainLater(model_id, 0.0, gen))
             elif model_state is ModelState.TRAINING:
                 actions.append(PollModelLater(model_id, gen, 0.0))
         for job_id in self.ledger.claim_callbacks(batch):
             seen["callback"] += 1
             actions.append(Notify(job_id))
+        trimmed = self.ledger.trim(batch)
+        if trimmed:
+            seen["expired"] += trimmed
         self.ledger.mark_swept()
         if seen:
             log.info("sweep: %s", dict(seen))
         return actions, seen
 
-    def _drive_job(self, job_id: str, state: JobState, gen: int) -> list[Action]:
-        if state in (JobState.PENDING, JobState.SUBMITTING):
+    def _drive_job(self, job: Claimed) -> list[Action]:
+        if job.kind == JobKind.WORKFLOW.value:
+            # Checked before the states: a running workflow is not a polled job.
+            rec = self.ledger.get(job.id)
+            return self.jobs.workflows.resume(rec) if rec is not None else []
+        if job.state in (JobState.PENDING, JobState.SUBMITTING):
             # A submit finding the job still submitting long after its POST began marks it
             # submit_unknown rather than paying twice.
-            return [SubmitLater(job_id, 0.0)]
-        if state in POLLING_STATES:
-            return [PollLater(job_id, gen, 0.0)]
-        rec = self.ledger.get(job_id)
+            return [SubmitLater(job.id, 0.0, job.gen)]
+        if job.state in POLLING_STATES:
+            return [PollLater(job.id, job.gen, 0.0)]
+        rec = self.ledger.get(job.id)
         if rec is None:
             return []
-        if state is JobState.DOWNLOADING:
+        if job.state is JobState.DOWNLOADING:
             have = {out.index for out in rec.outputs}
             missing = [i for i in range(rec.expected_outputs) if i not in have]
-            return [Download(job_id, i) for i in missing] or [Finalize(job_id)]
-        if state is JobState.PARKED and rec.model_id:
+            return [Download(job.id, i) for i in missing] or [Finalize(job.id)]
+        if job.state is JobState.PARKED and rec.model_id:
             model = self.models.get(rec.model_id, history=0)
             if model is None or model.state is ModelState.READY:
-                return self.jobs.release(job_id)
+                return self.jobs.release(job.id)
             if not model.state.in_progress:
                 return self.jobs.fail_parked(
-                    job_id, f"model {rec.model_id} {model.state.value}: {model.error}"
+                    job.id, f"model {rec.model_id} {model.state.value}: {model.error}"
                 )
-            return []
-        if rec.kind is JobKind.WORKFLOW and state is JobState.RUNNING:
-            return self.jobs.workflows.resume(rec)
         return []

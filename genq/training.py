@@ -17,7 +17,7 @@ from typing import Any
 from config.settings import Settings
 from genq.actions import Action, PollModelLater, TrainLater
 from genq.api import UpstreamClient
-from genq.errors import PermanentError, ProtocolError, Throttled, TransientError
+from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
 from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import ModelRecord, ModelState
@@ -35,39 +35,95 @@ class TrainingService:
     clock: Callable[[], float]
     rng: random.Random
 
-    def request(self, model_id: str, force: bool = False) -> bool:
-        """Record a train request; True when this caller must send the train task."""
-        deadline_at = self.clock() + self.settings.poll.model.deadline
-        return self.models.request(model_id, deadline_at=deadline_at, force=force)
+    def request(self, model_id: str, force: bool = False) -> int:
+        """Record a train request; returns the step generation of the train task this caller must
+        send, or 0 when another caller's request is already under way."""
+        return self.models.request(model_id, deadline=self.settings.poll.model.deadline, force=force)
 
-    def train(self, model_id: str) -> list[Action]:
+    def train(self, model_id: str, gen: int = 0) -> list[Action]:
+        """Make the train call, at most once per request: the call is claimed in the ledger first, and
+        a call whose answer was lost (timeout, a worker dying) is never repeated; readiness checks
+        then tell whether it started."""
         rec = self.models.get(model_id)
-        if rec is None or rec.state is not ModelState.REQUESTED:
-            return []  # a duplicate delivery, or training already under way
+        if rec is None or rec.state is not ModelState.REQUESTED or rec.poll_gen != gen:
+            return []  # a duplicate or stale delivery, or training already under way
+        if rec.call_started_at is not None:
+            return self._check_from(rec, "train call began but its answer was never recorded; checking")
+        now = self.clock()
+        claimed, _ = self.models.transition(
+            model_id,
+            [ModelState.REQUESTED],
+            ModelState.REQUESTED,
+            expect_gen=gen,
+            detail="train call",
+            poll_gen=gen + 1,
+            call_started_at=now,
+            due_at=now + self.settings.api.connect_timeout + self.settings.api.read_timeout + 5.0,
+        )
+        if not claimed.ok:
+            return []
+        rec = rec.model_copy(update={"poll_gen": gen + 1, "call_started_at": now})
         try:
             answer = self.api.train_model(model_id)
         except Throttled as exc:
-            return [TrainLater(model_id, exc.retry_after or 0.1)]
-        except (TransientError, ProtocolError) as exc:
-            return self._train_error(rec, exc)
+            return self._train_later(rec, exc, counted=False)
+        except UpstreamUnavailable as exc:
+            if exc.ambiguous:
+                return self._check_from(rec, f"train call outcome unknown ({exc}); checking", calls=1)
+            return self._train_later(rec, exc)
+        except TransientError as exc:
+            return self._train_later(rec, exc)
+        except ProtocolError as exc:
+            return self._check_from(rec, f"train call answered oddly ({exc}); checking", calls=1)
         except PermanentError as exc:
             return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED], f"train call refused: {exc}")
+        log.info("model %s: training started", model_id)
+        return self._check_from(rec, f"train call accepted: {answer[:80]}", calls=1)
+
+    def _check_from(self, rec: ModelRecord, detail: str, calls: int = 0) -> list[Action]:
+        """The train call was made (or may have been): from now on, check readiness."""
         now = self.clock()
         policy = self.settings.poll.model
         delay = clamp_to_deadline(
             poll_delay(policy, 0, self.rng), now, rec.deadline_at or now + policy.deadline
         )
-        log.info("model %s: training started; first check in %.0fs", model_id, delay)
         return self._schedule(
             rec,
             ModelState.REQUESTED,
             delay,
-            detail=f"train call accepted: {answer[:80]}",
+            detail=detail,
             started_at=now,
-            train_calls=rec.train_calls + 1,
+            train_calls=rec.train_calls + calls,
             errors_in_row=0,
             error=None,
         )
+
+    def _train_later(self, rec: ModelRecord, exc: TransientError, counted: bool = True) -> list[Action]:
+        """Nothing reached the upstream: release the claim and call again later (a new generation)."""
+        errors = rec.errors_in_row + 1 if counted else rec.errors_in_row
+        if errors >= self.settings.poll.max_errors:
+            reason = f"train call failed {errors} times: {exc}"
+            return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED], reason)
+        if counted:
+            delay = error_delay(self.settings.poll.error_backoff, errors, exc.retry_after, 300.0, self.rng)
+        else:
+            delay = exc.retry_after or 0.1
+        gen = rec.poll_gen + 1
+        held = delay > self.settings.poll.countdown_max
+        moved, _ = self.models.transition(
+            rec.id,
+            [ModelState.REQUESTED],
+            ModelState.REQUESTED,
+            expect_gen=rec.poll_gen,
+            detail=str(exc),
+            poll_gen=gen,
+            call_started_at=None,
+            errors_in_row=errors,
+            error=str(exc),
+            due_at=self.clock() + delay,
+            held=held,
+        )
+        return [TrainLater(rec.id, delay, gen)] if moved.ok and not held else []
 
     def poll(self, model_id: str, gen: int) -> list[Action]:
         rec = self.models.get(model_id)
@@ -82,7 +138,9 @@ class TrainingService:
         try:
             upstream = self.api.get_model(model_id)
         except Throttled as exc:
-            return [PollModelLater(model_id, gen, exc.retry_after or 0.1)]
+            # Recorded like any wait, so a long one is held in Redis, not a countdown per sweep.
+            wait = clamp_to_deadline(exc.retry_after or 0.1, now, rec.deadline_at or now + 1.0)
+            return self._schedule(rec, ModelState.TRAINING, wait, detail="check throttled")
         except (TransientError, ProtocolError) as exc:
             return self._poll_error(rec, exc)
         except PermanentError as exc:
@@ -113,23 +171,6 @@ class TrainingService:
         if rec is None:
             return []
         return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED, ModelState.TRAINING], reason)
-
-    def _train_error(self, rec: ModelRecord, exc: Exception) -> list[Action]:
-        errors = rec.errors_in_row + 1
-        if errors >= self.settings.poll.max_errors:
-            reason = f"train call failed {errors} times: {exc}"
-            return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED], reason)
-        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-        delay = error_delay(self.settings.poll.error_backoff, errors, retry_after, 300.0, self.rng)
-        self.models.transition(
-            rec.id,
-            [ModelState.REQUESTED],
-            ModelState.REQUESTED,
-            detail=str(exc),
-            errors_in_row=errors,
-            error=str(exc),
-        )
-        return [TrainLater(rec.id, delay)]
 
     def _poll_error(self, rec: ModelRecord, exc: Exception) -> list[Action]:
         errors = rec.errors_in_row + 1

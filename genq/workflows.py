@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from genq.actions import Action, Notify, SubmitLater
-from genq.intake import accept
+from genq.intake import accept, start_workflow
 from genq.models import JobKind, JobRecord, JobState, UpscaleRequest, WorkflowRequest
 from genq.store import Ledger
 
@@ -32,8 +32,14 @@ class WorkflowService:
         return actions + self._maybe_finish(parent)
 
     def resume(self, parent: JobRecord) -> list[Action]:
-        """Re-drive a workflow whose step-ended hook may have been lost (a worker died after a step
-        ended): start missing upscales, or end it. Idempotent."""
+        """Re-drive a workflow whose next move may have been lost: its creation stopped half-way (Redis
+        failed after the workflow was written), or a step ended and the worker died before the hook ran.
+        Starts what is missing, or ends it. Idempotent."""
+        if parent.state is JobState.PENDING:
+            request = WorkflowRequest.model_validate(parent.request)
+            return [SubmitLater(job_id, 0.0) for job_id in start_workflow(self.ledger, parent.id, request)]
+        if parent.state is not JobState.RUNNING:
+            return []
         generated = self.ledger.get(parent.children[0]) if parent.children else None
         if generated is None:
             return []

@@ -66,12 +66,18 @@ async def _fault_or_handle(request: web.Request, state: SimState, handler: Handl
         retry = str(math.ceil(cfg.retry_after))
         return error_response(429, "rate limited", headers={"Retry-After": retry})
     if cfg.error_5xx_rate > 0 and rng.random() < cfg.error_5xx_rate:
-        status = rng.choice((500, 502, 503))
+        # The upstream itself refuses before doing anything.
+        status = rng.choice((500, 503))
         return error_response(status, f"simulated upstream error {status}")
     try:
-        return await handler(request)
+        answer = await handler(request)
     except BadRequest as exc:
         return error_response(400, str(exc))
+    if cfg.gateway_error_rate > 0 and rng.random() < cfg.gateway_error_rate:
+        # A gateway in front lost the answer of a request the upstream did act on.
+        status = rng.choice((502, 504))
+        return error_response(status, f"simulated gateway error {status}")
+    return answer
 
 
 def api_route(route_key: str, handler: Handler) -> Handler:

@@ -65,6 +65,9 @@ class SimConfig(BaseModel):
     fail_rate: float = Field(default=0, ge=0, le=1)
     never_finish_rate: float = Field(default=0, ge=0, le=1)
     error_5xx_rate: float = Field(default=0, ge=0, le=1)
+    """500 or 503 before acting on the request."""
+    gateway_error_rate: float = Field(default=0, ge=0, le=1)
+    """502 or 504 after acting on the request (its answer lost on the way back)."""
     rate_429_rate: float = Field(default=0, ge=0, le=1)
     retry_after: float = Field(default=1.0, ge=0)
     latency: float = Field(default=0, ge=0)

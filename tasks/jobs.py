@@ -28,8 +28,8 @@ def intake(request: dict[str, Any], request_id: str) -> None:
 
 
 @app.task(name="genq.submit")
-def submit(job_id: str) -> None:
-    dispatch(services().jobs.submit(job_id))
+def submit(job_id: str, gen: int = 0) -> None:
+    dispatch(services().jobs.submit(job_id, gen))
 
 
 @app.task(name="genq.poll")
@@ -48,8 +48,8 @@ def finalize(job_id: str) -> None:
 
 
 @app.task(name="genq.train")
-def train(model_id: str) -> None:
-    dispatch(services().training.train(model_id))
+def train(model_id: str, gen: int = 0) -> None:
+    dispatch(services().training.train(model_id, gen))
 
 
 @app.task(name="genq.poll_model")
@@ -69,7 +69,7 @@ def send_by_name(name: str, args: list[Any], queue: str) -> None:
 
 @app.task(name="genq.sweep")
 def sweep() -> None:
-    actions, _ = services().sweeper.sweep()
+    actions, _ = services().sweeper.sweep(min_gap=services().settings.worker.sweep_interval / 2)
     dispatch(actions)
 
 
@@ -77,16 +77,16 @@ def dispatch(actions: Iterable[Action]) -> None:
     """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
     for action in actions:
         match action:
-            case SubmitLater(job_id, delay):
-                submit.apply_async((job_id,), countdown=delay or None)
+            case SubmitLater(job_id, delay, gen):
+                submit.apply_async((job_id, gen), countdown=delay or None)
             case PollLater(job_id, gen, delay):
                 poll.apply_async((job_id, gen), countdown=delay)
             case Download(job_id, index, attempt, delay):
                 download.apply_async((job_id, index, attempt), countdown=delay or None)
             case Finalize(job_id):
                 finalize.apply_async((job_id,))
-            case TrainLater(model_id, delay):
-                train.apply_async((model_id,), countdown=delay)
+            case TrainLater(model_id, delay, gen):
+                train.apply_async((model_id, gen), countdown=delay or None)
             case PollModelLater(model_id, gen, delay):
                 poll_model.apply_async((model_id, gen), countdown=delay)
             case Notify(job_id, delay):

@@ -283,11 +283,13 @@ def test_resubmit_is_the_deliberate_way_out_of_submit_unknown(
     _job(service)
     service.submit("j1")
     assert _state(service) is JobState.SUBMIT_UNKNOWN
-    assert resubmit(service.ledger, "j1") is True
-    assert resubmit(service.ledger, "j1") is False  # only from submit_unknown
+    gen = resubmit(service.ledger, "j1")
+    assert gen == 1
+    assert resubmit(service.ledger, "j1") is None  # only from submit_unknown
     upstream.replace(responses.POST, f"{API}/images/generation", json={"jobId": "up2"})
 
-    assert service.submit("j1") == [PollLater("j1", 1, 2.0)]
+    assert service.submit("j1", 0) == []  # a message of the chain before the resubmit: stale
+    assert service.submit("j1", gen) == [PollLater("j1", gen + 1, 2.0)]
     record = service.ledger.get("j1")
     assert record is not None and record.state is JobState.SUBMITTED and record.upstream_id == "up2"
     assert record.finished_at is None and record.error is None
@@ -304,5 +306,5 @@ def test_at_least_once_setting_retries_an_interrupted_submit(
     service.ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTING)  # a crashed worker's step
     clock.now += 120
 
-    assert service.submit("j1") == [SubmitLater("j1", 0.0)]
+    assert service.submit("j1") == [SubmitLater("j1", 0.0, 1)]
     assert _state(service) is JobState.PENDING

@@ -13,7 +13,6 @@ neither Celery nor any worker code.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ import requests
 
 from config.celeryconf import QUEUES
 from config.settings import Settings
+from genq.clock import RedisClock
 from genq.services import ledger_for, redis_client
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def run(
     urls: Sequence[str] = (),
     timeout: float = 3.0,
     sweep_max_age: float | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
 ) -> list[Check]:
     """Every check not skipped. ``queues`` defaults to all of them, or to none when ``node`` is given
     (then the node need only answer)."""
@@ -142,7 +142,8 @@ def run(
             checks.append(check_workers(app, wanted, node, timeout))
         if "sweeper" not in skip:
             max_age = sweep_max_age if sweep_max_age is not None else default_sweep_max_age(settings)
-            checks.append(check_sweeper(client, settings, max_age, clock()))
+            now = (clock or RedisClock(client))()  # the sweeper stamps its runs with Redis's time
+            checks.append(check_sweeper(client, settings, max_age, now))
         checks += [check_url(url, timeout) for url in urls]
     finally:
         client.close()

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit chaos lint format clean help
+.PHONY: demo test unit chaos lint format clean help docs
 
 # `make` with no target only creates the venv, as it always did; `make help` lists the targets.
 .DEFAULT_GOAL := $(BIN)/python
@@ -46,6 +46,9 @@ bench: $(VENV)/.installed-bench  ## every benchmark against its baseline, full s
 
 bench-quick: $(VENV)/.installed-bench  ## every benchmark at a small size (under 2 min)
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
+
+docs: $(VENV)/.installed-dev  ## rewrite docs/settings.md from config/settings.py (a unit test checks it)
+	$(BIN)/python -m config.settings_doc
 
 format: $(VENV)/.installed-dev  ## ruff format and ruff check --fix, in place
 	$(BIN)/ruff format .

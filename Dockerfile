@@ -3,13 +3,14 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY genq ./genq
 COPY config ./config
 COPY workers ./workers
 COPY tasks ./tasks
 COPY simulator ./simulator
-RUN pip wheel --wheel-dir /wheels .
+# The versions tested (constraints.txt): workers/kombu_fix.py refuses any other kombu.
+RUN pip wheel -c constraints.txt --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

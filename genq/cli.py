@@ -45,11 +45,12 @@ def main() -> None:
 @click.option("--jobs", default=20, show_default=True, help="Image jobs to submit.")
 @click.option("--images", default=2, show_default=True, help="Images per job.")
 @click.option("--concurrency", default=4, show_default=True, help="Worker processes.")
-def demo(jobs: int, images: int, concurrency: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the full records as JSON (progress on stderr).")
+def demo(jobs: int, images: int, concurrency: int, as_json: bool) -> None:
     """Run a batch end to end on embedded defaults (private Redis, simulator, worker pool)."""
     from genq.demo import run_demo
 
-    sys.exit(run_demo(jobs=jobs, images=images, concurrency=concurrency))
+    sys.exit(run_demo(jobs=jobs, images=images, concurrency=concurrency, as_json=as_json))
 
 
 @main.group()

@@ -8,13 +8,15 @@ progress and ends with a table of every job. Everything it started is stopped on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +24,7 @@ from config.celeryconf import QUEUES
 from config.settings import load_settings
 from genq.embedded import EmbeddedRedis
 from genq.local import WorkerProcess
-from genq.models import JobRecord, JobState
+from genq.models import JobRecord, JobState, OutputFile
 from genq.watch import JobBoard
 
 if TYPE_CHECKING:
@@ -80,9 +82,17 @@ def demo_environment(
         yield env, sim
 
 
-def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Console | None = None) -> int:
-    """Run the demo; returns the process exit code (0 when every job succeeded)."""
-    console = console or Console()
+def run_demo(
+    jobs: int = 20,
+    images: int = 2,
+    concurrency: int = 4,
+    console: Console | None = None,
+    as_json: bool = False,
+) -> int:
+    """Run the demo; returns the process exit code (0 when every job succeeded).
+
+    With ``as_json`` the progress goes to stderr and stdout gets only :func:`report` as JSON."""
+    console = console or Console(stderr=as_json)
     with (
         tempfile.TemporaryDirectory(prefix="genq-demo-") as tmp,
         demo_environment(Path(tmp), console) as (env, sim),
@@ -102,11 +112,16 @@ def run_demo(jobs: int = 20, images: int = 2, concurrency: int = 4, console: Con
             elapsed = time.monotonic() - started
         truth = _simulator_checksums(sim, producer, records) if sim else None
         producer.close()
-    console.print(_table(records, truth))
-    ok = sum(r.state is JobState.SUCCEEDED for r in records)
-    files = sum(len(r.outputs) for r in records)
-    console.print(f"{ok}/{len(records)} jobs succeeded, {files} files, in {elapsed:.1f}s")
-    return 0 if ok == len(records) else 1
+    summary = report(records, truth, elapsed)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(table(records, truth))
+        for line in reasons(records):
+            console.print(line, style="red", markup=False, highlight=False)
+        ok, files = summary["succeeded"], summary["files"]
+        console.print(f"{ok}/{len(records)} jobs succeeded, {files} files, in {elapsed:.1f}s")
+    return 0 if summary["succeeded"] == len(records) else 1
 
 
 def _submit_batch(producer: Producer, jobs: int, images: int, console: Console) -> list[str]:
@@ -153,24 +168,75 @@ def _simulator_checksums(sim: SimulatorProcess, producer: Producer, records: lis
     return sums
 
 
-def _table(records: list[JobRecord], truth: set[str] | None) -> Table:
-    table = Table(title="genqueue demo: every job")
-    columns = ["job", "kind", "state", "upstream job", "files", "path", "sha256"]
-    for column in columns + (["matches upstream"] if truth is not None else []):
-        table.add_column(column, overflow="fold")
-    cwd = Path.cwd()
+def report(records: list[JobRecord], truth: set[str] | None, elapsed: float) -> dict[str, Any]:
+    """Everything the demo found, in full: what ``genq demo --json`` prints. Each output carries
+    ``matches_upstream`` (null when the upstream's checksums are unknown: not the simulator)."""
+    jobs = []
+    for record in records:
+        job = record.model_dump(mode="json")
+        for out in job["outputs"]:
+            out["matches_upstream"] = None if truth is None else out["sha256"] in truth
+        jobs.append(job)
+    return {
+        "succeeded": sum(r.state is JobState.SUCCEEDED for r in records),
+        "jobs_total": len(records),
+        "files": sum(len(r.outputs) for r in records),
+        "elapsed_seconds": round(elapsed, 3),
+        "jobs": jobs,
+    }
+
+
+ID_CHARS = 8
+DIGEST_CHARS = 12
+FILE_CHARS = ID_CHARS + 7  # <step id>/00.png
+
+
+def table(records: list[JobRecord], truth: set[str] | None) -> Table:
+    """One line per file (or per job without files) that fits an 80-column terminal: short ids, digest
+    prefixes, file names (``<step>/<name>`` for a workflow's files, which its steps downloaded). Nothing
+    wraps: a long reason is cut with an ellipsis (:func:`reasons` has it whole; ``--json`` everything)."""
+    table = Table(
+        title="genqueue demo: every job",
+        caption="full ids, paths and digests: genq demo --json",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=0,
+    )
+    # The widest row: 8 + 8 + 14 (submit_unknown) + 8 + 15 + 12 + 5 + 6 one-space gaps = 76 columns.
+    columns = ["job", "kind", "state", "upstream", "file", "sha256"] + (
+        ["check"] if truth is not None else []
+    )
+    for name in columns:
+        table.add_column(
+            name, no_wrap=True, overflow="ellipsis", max_width=FILE_CHARS if name == "file" else None
+        )
     for record in records:
         colour = "green" if record.state is JobState.SUCCEEDED else "red"
-        upstream = record.upstream_id or (f"{len(record.children)} steps" if record.children else "-")
-        head = [record.id[:8], record.kind.value, f"[{colour}]{record.state.value}[/]", upstream]
-        head.append(str(len(record.outputs)))
+        upstream = (record.upstream_id or "")[:ID_CHARS] or (
+            f"{len(record.children)} steps" if record.children else "-"
+        )
+        head = [record.id[:ID_CHARS], record.kind.value, f"[{colour}]{record.state.value}[/]", upstream]
         check: list[str] = ["-"] if truth is not None else []
         if not record.outputs:
             table.add_row(*head, record.error or "-", "-", *check)
         for n, out in enumerate(record.outputs):
-            path = Path(out.path)
-            shown = str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
             if truth is not None:
                 check = ["[green]yes[/]" if out.sha256 in truth else "[red]NO[/]"]
-            table.add_row(*(head if n == 0 else [""] * len(head)), shown, out.sha256, *check)
+            shown = head if n == 0 else [""] * len(head)
+            table.add_row(*shown, _file_name(record, out), out.sha256[:DIGEST_CHARS], *check)
     return table
+
+
+def _file_name(record: JobRecord, out: OutputFile) -> str:
+    """The file's name; under another job's directory (a workflow's step), ``<step id>/<name>``."""
+    path = Path(out.path)
+    return path.name if path.parent.name == record.id else f"{path.parent.name[:ID_CHARS]}/{path.name}"
+
+
+def reasons(records: list[JobRecord]) -> list[str]:
+    """One line per job that did not succeed, with its whole reason."""
+    return [
+        f"{r.id[:ID_CHARS]} {r.state.value}: {r.error or 'no reason recorded'}"
+        for r in records
+        if r.state is not JobState.SUCCEEDED
+    ]

@@ -1,4 +1,5 @@
-"""Run real Celery worker processes locally: for ``genq demo``, the tests and the benchmarks."""
+"""Run real Celery worker processes (and other long-running commands) locally: for ``genq demo``, the
+tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -12,11 +13,72 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from config.celeryconf import QUEUES
 
 
-class WorkerProcess:
+class ProcessGroup:
+    """A command as a child process in its own process group (its log in ``log_path``): ``stop`` and
+    ``kill`` end the whole group, pool children included. Subclasses say how it starts."""
+
+    def __init__(
+        self, args: Sequence[str], env: Mapping[str, str], *, log_path: Path, cwd: Path | None = None
+    ) -> None:
+        self.args = list(args)
+        self.env = dict(env)
+        self.log_path = log_path
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, stdout: IO[bytes] | int, stderr: IO[bytes] | int, stdin: int | None = None) -> None:
+        self.process = subprocess.Popen(
+            self.args,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=stdin,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it lingers."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self._group_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._group_signal(signal.SIGKILL)
+                self.process.wait()
+        self._group_signal(signal.SIGKILL)  # children that outlived their parent
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash the process and its children at once."""
+        if self.process is None:
+            return
+        self._group_signal(signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+
+    def _group_signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+
+class WorkerProcess(ProcessGroup):
     """``celery -A workers worker`` as a child process in its own process group."""
 
     def __init__(
@@ -34,8 +96,7 @@ class WorkerProcess:
     ) -> None:
         self.name = name or f"genq-{uuid.uuid4().hex[:8]}"
         self.hostname = f"{self.name}@%h"
-        self.log_path = log_path
-        self.args = [
+        args = [
             sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", ",".join(queues),
             "-c", str(concurrency),
@@ -46,9 +107,7 @@ class WorkerProcess:
             "--logfile", str(log_path),
             *extra_args,
         ]  # fmt: skip
-        self.env = dict(env)
-        self.cwd = cwd
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(args, env, log_path=log_path, cwd=cwd)
 
     ready_marker = " ready."
 
@@ -56,14 +115,8 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("")
         with open(self.log_path.with_suffix(".stderr"), "wb") as stderr:
-            self.process = subprocess.Popen(
-                self.args,
-                env=self.env,
-                cwd=self.cwd,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
+            self.spawn(subprocess.DEVNULL, stderr)
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -83,11 +136,6 @@ class WorkerProcess:
                 parts.append(path.read_text(errors="replace")[-4000:])
         return "\n".join(parts)
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
     def children(self) -> list[int]:
         """Pids of the pool's child processes."""
         try:
@@ -95,33 +143,6 @@ class WorkerProcess:
         except FileNotFoundError:
             return []
         return [int(p) for p in out.stdout.split()]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it lingers."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self._group_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._group_signal(signal.SIGKILL)
-                self.process.wait()
-        self._group_signal(signal.SIGKILL)  # pool children that outlived their parent
-        self.process = None
-
-    def kill(self) -> None:
-        """Crash the worker and its pool children at once."""
-        if self.process is None:
-            return
-        self._group_signal(signal.SIGKILL)
-        self.process.wait()
-        self.process = None
-
-    def _group_signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
 
     def __enter__(self) -> WorkerProcess:
         return self.start()

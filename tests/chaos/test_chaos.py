@@ -10,7 +10,7 @@ import pytest
 
 from simulator import SimConfig
 from tests.chaos.harness import Chaos, Figures, Plan
-from tests.conftest import Stack
+from tests.helpers import Stack
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(os.environ.get("GENQ_ARTIFACTS", "test-artifacts"))

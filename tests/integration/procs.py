@@ -3,10 +3,8 @@ Prometheus scrapes, and the Debian packages some tests need (installed when miss
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,63 +15,31 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from genq.local import ProcessGroup
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-class Service:
-    """A command in its own process group, its output in a log file; ``stop`` ends the whole group."""
+class Service(ProcessGroup):
+    """A command in its own process group, its output (stdout and stderr) in a log file; ``stop`` ends
+    the whole group."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path = ROOT) -> None:
-        self.args = list(args)
-        self.env = dict(env)
-        self.log_path = log_path
-        self.cwd = cwd
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(args, env, log_path=log_path, cwd=cwd)
 
     def start(self) -> Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as out:
-            self.process = subprocess.Popen(
-                self.args,
-                env=self.env,
-                cwd=self.cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            self.spawn(out, subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.process.wait()
-        self._signal(signal.SIGKILL)  # children that outlived their parent
-        self.process = None
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
+        super().stop(timeout)
 
 
 def genq(*args: str) -> list[str]:

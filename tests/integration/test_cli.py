@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
+from tests.helpers import Stack
 
 pytestmark = pytest.mark.integration
 GENQ = str(Path(sys.executable).with_name("genq"))
@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     result = subprocess.run(
         [GENQ, "demo", "--jobs", "3", "--concurrency", "2"],
         cwd=tmp_path,
-        env=_clean_env(COLUMNS="200"),
+        env=_clean_env(COLUMNS="80"),
         capture_output=True,
         text=True,
         timeout=180,
@@ -37,6 +37,7 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
         assert f" {kind} " in result.stdout
     assert "training demo-model" in result.stdout and "is parked until it is ready" in result.stdout
     assert " NO " not in result.stdout  # every sha256 matches the simulator's
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80  # the table fits; nothing wraps
     pngs = sorted((tmp_path / "downloads").rglob("*.png"))
     assert len(pngs) == 3 * 2 + 2 + 2 + 1  # the workflow's generated and upscaled images both stay
     assert all(f.read_bytes().startswith(b"\x89PNG") for f in pngs)
@@ -44,6 +45,25 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     # Everything the demo started is gone: no redis-server or worker left with this cwd.
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_demo_json_prints_every_record_in_full(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [GENQ, "demo", "--jobs", "1", "--images", "1", "--concurrency", "2", "--json"],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout)  # the progress went to stderr
+    assert summary["succeeded"] == summary["jobs_total"] == 4  # an image, a video, a workflow, a parked one
+    outputs = [out for job in summary["jobs"] for out in job["outputs"]]
+    assert len(outputs) == summary["files"] == 1 + 1 + 2 + 1
+    assert all(len(out["sha256"]) == 64 and out["matches_upstream"] for out in outputs)
+    assert all(
+        len(job["id"]) == 32 and Path(out["path"]).exists()
+        for job in summary["jobs"]
+        for out in job["outputs"]
+    )
+    assert "all jobs" in result.stderr
 
 
 def test_submit_wait_and_status_from_the_command_line(stack: Stack) -> None:
@@ -96,7 +116,7 @@ def test_settings_come_from_a_dotenv_file(stack: Stack, tmp_path: Path) -> None:
     with WorkerProcess(worker_env, log_path=tmp_path / "w.log", cwd=tmp_path):
         producer = stack.producer()
         job = producer.submit_image("dotenv")
-        from tests.conftest import wait_all
+        from tests.helpers import wait_all
 
         (record,) = wait_all(producer, [job.id], timeout=30)
     assert record.state.value == "failed" and "401" in (record.error or "")

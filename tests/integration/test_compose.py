@@ -28,7 +28,7 @@ from config.settings import load_settings
 from genq.embedded import find_redis_server, free_port
 from genq.models import JobState
 from genq.producer import Producer
-from tests.conftest import environment, wait_all
+from tests.helpers import environment, wait_all
 from tests.integration.procs import BIN, ROOT, Service, ensure_debian_packages, sample, scrape
 
 pytestmark = pytest.mark.integration

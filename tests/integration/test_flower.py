@@ -22,7 +22,7 @@ import requests
 from genq.embedded import free_port
 from genq.intake import job_id_for
 from simulator import SimConfig
-from tests.conftest import Stack, wait_all
+from tests.helpers import Stack, wait_all
 from tests.integration.procs import ARTIFACTS, BIN, Service, ensure_debian_packages, genq, wait_http
 
 pytestmark = pytest.mark.integration

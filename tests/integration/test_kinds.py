@@ -12,7 +12,7 @@ from celery import Celery
 from genq.intake import job_id_for
 from genq.models import JobKind, JobState
 from simulator import Duration, SimConfig
-from tests.conftest import FAST_POLL, Stack, wait_all
+from tests.helpers import FAST_POLL, Stack, wait_all
 
 pytestmark = pytest.mark.integration
 VIDEO_BYTES = 64 * 1024 * 1024

@@ -23,7 +23,7 @@ from genq.embedded import free_port
 from genq.models import JobState
 from genq.store import Ledger
 from simulator import SimConfig
-from tests.conftest import Stack, wait_all
+from tests.helpers import Stack, wait_all
 from tests.integration.procs import ARTIFACTS, Service, genq, sample, scrape, wait_http
 
 pytestmark = pytest.mark.integration

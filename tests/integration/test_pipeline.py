@@ -10,7 +10,7 @@ import pytest
 
 from genq.models import JobState
 from simulator import SimConfig
-from tests.conftest import Stack, task_runtimes, wait_all
+from tests.helpers import Stack, task_runtimes, wait_all
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from genq.embedded import EmbeddedRedis
 from genq.errors import InvalidRequest
 from genq.producer import Producer
-from tests.conftest import environment
+from tests.helpers import environment
 
 pytestmark = pytest.mark.integration
 

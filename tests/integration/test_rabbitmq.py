@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from genq.models import JobState
-from tests.conftest import Stack, wait_all
+from tests.helpers import Stack, wait_all
 from tests.integration.procs import genq, sample, scrape
 
 pytestmark = pytest.mark.integration

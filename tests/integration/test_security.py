@@ -27,7 +27,7 @@ from genq.netguard import NetPolicy, guarded_session
 from genq.services import ledger_for, redis_client
 from genq.workflows import WorkflowService
 from simulator import SimConfig
-from tests.conftest import Stack, environment, wait_all
+from tests.helpers import Stack, environment, wait_all
 
 pytestmark = pytest.mark.integration
 API = "https://api.test"
@@ -330,7 +330,7 @@ def test_redis_over_tls(simulator: object, tmp_path: Path) -> None:
 
 
 def _env(url: str, sim: object, tmp_path: Path) -> dict[str, str]:
-    from tests.conftest import FAST_POLL
+    from tests.helpers import FAST_POLL
 
     return {
         "GENQ_REDIS_URL": url,

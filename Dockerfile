@@ -9,7 +9,7 @@ COPY config ./config
 COPY workers ./workers
 COPY tasks ./tasks
 COPY simulator ./simulator
-# The versions tested (constraints.txt): workers/kombu_fix.py refuses any other kombu.
+# The versions tested (constraints.txt): genq/worker/kombu_fix.py refuses any other kombu.
 RUN pip wheel -c constraints.txt --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Installs pin every dependency to constraints.txt, the versions tested (workers/kombu_fix.py needs them).
+# Installs pin every dependency to constraints.txt, the versions tested (genq/worker/kombu_fix.py needs them).
 $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
@@ -33,7 +33,7 @@ chaos: $(VENV)/.installed-dev  ## the full chaos run: 500 jobs, kills, Redis cra
 lint: $(VENV)/.installed-dev  ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy genq config workers tasks simulator
+	$(BIN)/mypy genq config workers tasks
 
 $(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
@@ -47,8 +47,8 @@ bench: $(VENV)/.installed-bench  ## every benchmark against its baseline, full s
 bench-quick: $(VENV)/.installed-bench  ## every benchmark at a small size (under 2 min)
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
-docs: $(VENV)/.installed-dev  ## rewrite docs/settings.md from config/settings.py (a unit test checks it)
-	$(BIN)/python -m config.settings_doc
+docs: $(VENV)/.installed-dev  ## rewrite docs/settings.md from genq/settings.py (a unit test checks it)
+	$(BIN)/python -m genq.settings_doc
 
 format: $(VENV)/.installed-dev  ## ruff format and ruff check --fix, in place
 	$(BIN)/ruff format .

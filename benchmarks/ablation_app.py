@@ -11,7 +11,7 @@ import types
 from typing import Any
 
 from genq import downloads
-from workers.celery_app import app
+from genq.worker.celery_app import app
 
 __all__ = ["app"]
 

@@ -21,7 +21,7 @@ from benchmarks.harness import stack
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, ratio, summary
-from simulator import Duration, SimConfig
+from genq.simulator import Duration, SimConfig
 
 NAME = "slots"
 JOB_SECONDS = 2.0

@@ -32,8 +32,8 @@ from benchmarks.harness import Stack, stack
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, median, ratio
-from config.celeryconf import QUEUES
-from simulator import Duration, SimConfig
+from genq.celeryconf import QUEUES
+from genq.simulator import Duration, SimConfig
 
 NAME = "overhead"
 CONCURRENCY = 4

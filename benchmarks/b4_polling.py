@@ -30,8 +30,8 @@ from benchmarks.harness import Stack, stack
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, ratio, summary
-from config.settings import PollPolicy, PollSettings
-from simulator import SimConfig
+from genq.settings import PollPolicy, PollSettings
+from genq.simulator import SimConfig
 
 NAME = "polling"
 BASE_INTERVAL = 5.0

@@ -25,7 +25,7 @@ from benchmarks.harness import ROOT, RssSampler, Stack, process_rss, stack, wait
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, fmt, median, ratio
-from simulator import Duration, SimConfig
+from genq.simulator import Duration, SimConfig
 
 NAME = "downloads"
 THREADS = 8

@@ -24,8 +24,8 @@ from benchmarks.harness import Stack, stack, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, ratio
-from config.settings import PollSettings
-from simulator import SimConfig
+from genq.settings import PollSettings
+from genq.simulator import SimConfig
 
 NAME = "training"
 TRAINING_MINUTES = 22.0

@@ -27,8 +27,8 @@ import redis
 import requests
 from celery import Celery
 
-from config.celeryconf import celery_config
-from config.settings import Settings
+from genq.celeryconf import celery_config
+from genq.settings import Settings
 
 DONE = "bench:done"
 GETS = "bench:gets"

@@ -13,9 +13,9 @@ from typing import Any
 import redis
 
 from benchmarks.harness import Stack
-from config.settings import Settings, load_settings
 from genq.models import JobRecord
 from genq.producer import Producer
+from genq.settings import Settings, load_settings
 from genq.store import as_text
 
 
@@ -40,7 +40,7 @@ def settings_for(stack: Stack, env: dict[str, str]) -> Settings:
     import os
     from unittest import mock
 
-    from config.settings import get_settings
+    from genq.settings import get_settings
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     with mock.patch.dict(os.environ, {**clean, **stack.env, **env}, clear=True):

@@ -22,10 +22,10 @@ from typing import Any, Protocol
 import redis
 import requests
 
-from config.celeryconf import QUEUES
+from genq.celeryconf import QUEUES
 from genq.embedded import EmbeddedRedis
 from genq.local import BeatProcess, WorkerProcess
-from simulator import SimConfig, SimulatorProcess
+from genq.simulator import SimConfig, SimulatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from genq.actions import Action, PollLater
 from genq.models import POLLING_STATES, JobState
 from genq.store import Ledger, as_text
 from genq.sweeper import Sweeper
-from workers.celery_app import app
+from genq.worker.celery_app import app
 
 __all__ = ["app"]
 
@@ -55,7 +55,7 @@ _due_at: dict[str, float] = {}
 
 
 def _claim_due(self: Ledger, limit: int = 500) -> list[tuple[str, JobState, int]]:
-    from config.settings import get_settings
+    from genq.settings import get_settings
 
     script = getattr(self, "_claim_ahead", None)
     if script is None:

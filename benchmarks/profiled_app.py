@@ -12,7 +12,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from workers.celery_app import app
+from genq.worker.celery_app import app
 
 __all__ = ["app"]
 

@@ -17,7 +17,7 @@ import aiohttp
 from benchmarks.context import Context
 from benchmarks.harness import stack
 from benchmarks.result import BenchResult, Row
-from simulator import SimConfig
+from genq.simulator import SimConfig
 
 NAME = "simulator"
 IN_FLIGHT = 64

@@ -22,10 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
-from simulator.__main__ import LISTENING_PREFIX
-from simulator.app import build_app
-from simulator.config import Duration, SimConfig
-from simulator.state import STATE_KEY
+from genq.simulator.__main__ import LISTENING_PREFIX
+from genq.simulator.app import build_app
+from genq.simulator.config import Duration, SimConfig
+from genq.simulator.state import STATE_KEY
 
 
 async def bulk(request: web.Request) -> web.StreamResponse:

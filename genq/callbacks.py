@@ -22,13 +22,13 @@ from typing import Any
 
 import requests
 
-from config.settings import Settings
 from genq import netguard, wallclock
 from genq.actions import Action, Notify
 from genq.errors import DownloadRefused, GenqError, InvalidRequest
 from genq.models import JobRecord, TaskCallback, WebhookCallback
 from genq.netguard import NetPolicy
 from genq.polling import error_delay
+from genq.settings import Settings
 from genq.store import Ledger
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from config.settings import SettingsError
 from genq import netguard
 from genq.errors import GenqError, JobFailed
+from genq.settings import SettingsError
 
 if TYPE_CHECKING:
     from genq.producer import Producer
@@ -293,7 +293,7 @@ def status(job_id: str, as_json: bool) -> None:
 @click.option("--config-json", default=None, help="Simulator settings as JSON (see simulator/config.py).")
 def simulator(host: str, port: int, config_json: str | None) -> None:
     """Run the upstream API simulator (for development without an API key)."""
-    from simulator.__main__ import main as simulator_main
+    from genq.simulator.__main__ import main as simulator_main
 
     argv = ["--host", host, "--port", str(port)] + (["--config-json", config_json] if config_json else [])
     sys.exit(simulator_main(argv))
@@ -306,12 +306,12 @@ def simulator(host: str, port: int, config_json: str | None) -> None:
 def flower(local_only: bool, address: str | None, port: int | None) -> None:
     """Run Flower on the genqueue app: basic auth from GENQ_FLOWER_BASIC_AUTH (required unless
     --local-only), /metrics behind the same auth, task arguments shown as job id and kind."""
-    from config.settings import get_settings
     from genq import logs
+    from genq.settings import get_settings
 
     settings = get_settings()  # before importing workers, which would exit on bad settings
     logs.setup(settings.log.format)
-    from workers.flower import serve
+    from genq.worker.flower import serve
 
     default = "127.0.0.1" if local_only else settings.flower.address
     serve(
@@ -331,8 +331,8 @@ def metrics(address: str | None, port: int | None, once: bool) -> None:
     upstream latency and errors, rate-limit waits, downloads, models."""
     from prometheus_client import generate_latest
 
-    from config.settings import get_settings
     from genq import exporter, logs
+    from genq.settings import get_settings
 
     settings = get_settings()
     logs.setup(settings.log.format)
@@ -374,9 +374,9 @@ def health(
 
     from celery import Celery
 
-    from config.celeryconf import celery_config
-    from config.settings import get_settings
     from genq import health as checks
+    from genq.celeryconf import celery_config
+    from genq.settings import get_settings
 
     settings = get_settings()
     app = Celery("genqueue-health", set_as_current=False)  # a producer's view: broker only, no tasks

@@ -20,16 +20,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from config.celeryconf import QUEUES
-from config.settings import load_settings
+from genq.celeryconf import QUEUES
 from genq.embedded import EmbeddedRedis
 from genq.local import WorkerProcess
 from genq.models import JobRecord, JobState, OutputFile
+from genq.settings import load_settings
 from genq.watch import JobBoard
 
 if TYPE_CHECKING:
     from genq.producer import Producer
-    from simulator import SimulatorProcess
+    from genq.simulator import SimulatorProcess
 
 PROMPTS = [
     "a lighthouse at dawn", "a fox in fresh snow", "a city of glass", "a bowl of ramen, top view",
@@ -54,8 +54,8 @@ def demo_environment(
             env["GENQ_REDIS_URL"] = redis_server.url
             console.print(f"[dim]private Redis on port {redis_server.port} ({redis_server.binary})[/]")
         if "GENQ_API_BASE_URL" not in env:
-            from simulator import SimConfig, start_simulator
-            from simulator.config import Duration
+            from genq.simulator import SimConfig, start_simulator
+            from genq.simulator.config import Duration
 
             sim = stack.enter_context(
                 start_simulator(

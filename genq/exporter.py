@@ -28,11 +28,11 @@ import redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from config.celeryconf import QUEUES
-from config.settings import Settings
 from genq import keys, metrics
+from genq.celeryconf import QUEUES
 from genq.models import JobState
 from genq.services import redis_client
+from genq.settings import Settings
 from genq.store import Ledger
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 import requests
 
-from config.celeryconf import QUEUES
-from config.settings import Settings
+from genq.celeryconf import QUEUES
 from genq.clock import RedisClock
 from genq.services import ledger_for, redis_client
+from genq.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from config.settings import Settings
 from genq.callbacks import check_callback
 from genq.errors import InvalidRequest
 from genq.models import (
@@ -22,6 +21,7 @@ from genq.models import (
     VideoRequest,
     WorkflowRequest,
 )
+from genq.settings import Settings
 from genq.store import Ledger
 
 AnyRequest = ImageRequest | UpscaleRequest | VideoRequest | WorkflowRequest

@@ -16,7 +16,6 @@ from typing import Any
 
 import requests
 
-from config.settings import PollPolicy, Settings
 from genq import downloads
 from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
@@ -32,6 +31,7 @@ from genq.metrics import Recorder
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
+from genq.settings import PollPolicy, Settings
 from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from config.celeryconf import QUEUES
+from genq.celeryconf import QUEUES
 
 
 class ProcessGroup:
@@ -79,7 +79,7 @@ class ProcessGroup:
 
 
 class WorkerProcess(ProcessGroup):
-    """``celery -A workers worker`` as a child process in its own process group."""
+    """``celery -A genq.worker worker`` as a child process in its own process group."""
 
     def __init__(
         self,
@@ -92,7 +92,7 @@ class WorkerProcess(ProcessGroup):
         name: str | None = None,
         extra_args: Sequence[str] = (),
         cwd: Path | None = None,
-        app: str = "workers",
+        app: str = "genq.worker",
     ) -> None:
         self.name = name or f"genq-{uuid.uuid4().hex[:8]}"
         self.hostname = f"{self.name}@%h"
@@ -154,7 +154,7 @@ class WorkerProcess(ProcessGroup):
 
 
 class BeatProcess(WorkerProcess):
-    """``celery -A workers beat``: the sweeper's clock."""
+    """``celery -A genq.worker beat``: the sweeper's clock."""
 
     ready_marker = "beat: Starting..."
 

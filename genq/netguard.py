@@ -25,8 +25,8 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.poolmanager import PoolManager
 from urllib3.util.connection import allowed_gai_family
 
-from config.settings import OutboundRules
 from genq.errors import DownloadRefused
+from genq.settings import OutboundRules
 from genq.wallclock import tracking
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

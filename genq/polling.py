@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import random
 
-from config.settings import PollPolicy
+from genq.settings import PollPolicy
 
 
 def poll_delay(policy: PollPolicy, polls_done: int, rng: random.Random | None = None) -> float:
     """Seconds to wait before the next status check, after ``polls_done`` checks.
 
-    >>> from config.settings import PollPolicy
+    >>> from genq.settings import PollPolicy
     >>> p = PollPolicy(first_delay=2, interval=1, backoff=2, max_interval=5, jitter=0, deadline=60)
     >>> [poll_delay(p, n) for n in range(5)]
     [2.0, 1.0, 2.0, 4.0, 5.0]

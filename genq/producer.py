@@ -22,16 +22,16 @@ from typing import Any
 import redis
 from celery import Celery
 
-from config.celeryconf import TASK_QUEUES, celery_config
-from config.settings import Settings, get_settings
 from genq import intake
 from genq.callbacks import check_callback
+from genq.celeryconf import TASK_QUEUES, celery_config
 from genq.errors import EnqueueError, GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
 from genq.metrics import sent_at_header
 from genq.model_store import ModelLedger
 from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
 from genq.services import ledger_for, redis_client
+from genq.settings import Settings, get_settings
 from genq.store import JobEvent
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import redis
 
-from config.settings import Settings
 from genq import keys, metrics
 from genq.actions import Action
 from genq.api import UpstreamClient
@@ -17,6 +16,7 @@ from genq.jobs import JobService, net_policy
 from genq.limits import Limits, UpstreamLimiter
 from genq.model_store import ModelLedger
 from genq.netguard import guarded_session
+from genq.settings import Settings
 from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from config.settings import Settings
 from genq.actions import Action, PollModelLater, TrainLater
 from genq.api import UpstreamClient
 from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
@@ -22,6 +21,7 @@ from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import ModelRecord, ModelState
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
+from genq.settings import Settings
 
 log = logging.getLogger(__name__)
 

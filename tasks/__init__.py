@@ -1,1 +1,2 @@
-"""Thin Celery tasks over :mod:`genq.jobs`. Each task takes ids, runs one service step, dispatches."""
+"""The tasks, where an operator looks for them: they live in :mod:`genq.worker.tasks`, thin Celery
+tasks over the plain services of :mod:`genq.jobs`, :mod:`genq.training` and :mod:`genq.callbacks`."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from genq.embedded import EmbeddedRedis
-from simulator import SimConfig, SimulatorProcess, start_simulator
+from genq.simulator import SimConfig, SimulatorProcess, start_simulator
 from tests.helpers import FAST_POLL, Stack, environment, task_runtimes, wait_all
 
 __all__ = ["FAST_POLL", "Stack", "environment", "task_runtimes", "wait_all"]

@@ -1,5 +1,7 @@
-"""The Celery app: ``celery -A workers worker -Q submit,poll,download``."""
+"""The Celery app, where an operator looks for it: ``celery -A workers worker -Q ...`` from a checkout
+is the same as ``celery -A genq.worker worker -Q ...`` (the code lives in :mod:`genq.worker`, so an
+installed genqueue puts nothing but ``genq`` on ``sys.path``)."""
 
-from workers.celery_app import app
+from genq.worker import app
 
 __all__ = ["app"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator import SimConfig
+from genq.simulator import SimConfig
 from tests.chaos.harness import Chaos, Figures, Plan
 from tests.helpers import Stack
 

@@ -19,7 +19,7 @@ import redis
 from genq.errors import InvalidRequest
 from genq.local import WorkerProcess
 from genq.models import JobState
-from simulator import SimConfig
+from genq.simulator import SimConfig
 from tests.conftest import Stack, wait_all
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ import requests
 
 from genq.embedded import free_port
 from genq.intake import job_id_for
-from simulator import SimConfig
+from genq.simulator import SimConfig
 from tests.helpers import Stack, wait_all
 from tests.integration.procs import ARTIFACTS, BIN, Service, ensure_debian_packages, genq, wait_http
 

@@ -12,13 +12,13 @@ import pytest
 import requests
 import responses
 
-from config.settings import Settings, load_settings
 from genq.actions import Download, Finalize, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.embedded import EmbeddedRedis
 from genq.jobs import JobService
 from genq.models import JobKind, JobState
 from genq.services import redis_client
+from genq.settings import Settings, load_settings
 from genq.store import Ledger
 from genq.workflows import WorkflowService
 from tests.conftest import environment

@@ -11,7 +11,7 @@ from celery import Celery
 
 from genq.intake import job_id_for
 from genq.models import JobKind, JobState
-from simulator import Duration, SimConfig
+from genq.simulator import Duration, SimConfig
 from tests.helpers import FAST_POLL, Stack, wait_all
 
 pytestmark = pytest.mark.integration

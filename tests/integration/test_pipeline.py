@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from genq.models import JobState
-from simulator import SimConfig
+from genq.simulator import SimConfig
 from tests.helpers import Stack, task_runtimes, wait_all
 
 pytestmark = pytest.mark.integration

@@ -42,7 +42,7 @@ prompts = st.one_of(st.text(max_size=60), st.just(""), st.just("   "), st.text(m
 def producer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Producer]:
     with EmbeddedRedis(data_dir=tmp_path_factory.mktemp("redis")) as server:
         with environment({"GENQ_REDIS_URL": server.url}):
-            from config.settings import load_settings
+            from genq.settings import load_settings
 
             producer = Producer(load_settings())
         yield producer

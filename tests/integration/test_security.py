@@ -16,7 +16,6 @@ import pytest
 import redis
 import responses
 
-from config.settings import Settings
 from genq.api import UpstreamClient
 from genq.downloads import DownloadRules, fetch
 from genq.embedded import EmbeddedRedis
@@ -25,8 +24,9 @@ from genq.jobs import JobService, net_policy
 from genq.models import JobKind, JobState
 from genq.netguard import NetPolicy, guarded_session
 from genq.services import ledger_for, redis_client
+from genq.settings import Settings
+from genq.simulator import SimConfig
 from genq.workflows import WorkflowService
-from simulator import SimConfig
 from tests.helpers import Stack, environment, wait_all
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def service(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[JobService]
     env = {"GENQ_REDIS_URL": redis_server.url, "GENQ_API_BASE_URL": API, "GENQ_API_KEY": "k",
            "GENQ_DOWNLOAD_DIR": str(tmp_path / "dl")}  # fmt: skip
     with environment(env):
-        from config.settings import load_settings
+        from genq.settings import load_settings
 
         settings: Settings = load_settings()
     ledger = ledger_for(redis_client(settings), settings)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from simulator import SimConfig, SimulatorProcess, start_simulator
+from genq.simulator import SimConfig, SimulatorProcess, start_simulator
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 
 from genq.models import JobState, ModelState
 from genq.producer import Producer
-from simulator import SimConfig
+from genq.simulator import SimConfig
 from tests.conftest import Stack, wait_all
 
 pytestmark = pytest.mark.integration

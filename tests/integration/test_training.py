@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from genq.models import JobState, ModelState
-from simulator import SimConfig
+from genq.simulator import SimConfig
 from tests.conftest import Stack, wait_all
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ENV_PREFIX, get_settings
+from genq.settings import ENV_PREFIX, get_settings
 
 
 @pytest.fixture

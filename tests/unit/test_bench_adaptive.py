@@ -16,8 +16,8 @@ from benchmarks.adaptive import (
     replay_adaptive,
 )
 from benchmarks.b4_polling import durations, scaled
-from config.settings import PollPolicy
 from genq.polling import poll_delay
+from genq.settings import PollPolicy
 
 
 def test_fixed_schedule_and_outcome() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from config.celeryconf import TASK_QUEUES, celery_config
-from config.settings import load_settings
+from genq.celeryconf import TASK_QUEUES, celery_config
+from genq.settings import load_settings
 
 
 def test_every_annotated_soft_limit_is_below_its_hard_limit() -> None:

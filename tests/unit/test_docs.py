@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from config import settings_doc
-from config.celeryconf import TASK_QUEUES
-from config.settings import ENV_PREFIX, Settings
+from genq import settings_doc
+from genq.celeryconf import TASK_QUEUES
+from genq.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kombu.transport import redis as kombu_redis
 
-from workers import kombu_fix
+from genq.worker import kombu_fix
 
 
 def test_the_installed_kombu_is_the_one_the_patch_was_written_for() -> None:

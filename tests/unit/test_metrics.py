@@ -167,7 +167,7 @@ def test_message_age() -> None:
 
 
 def test_flower_shows_ids_and_kind_never_a_payload() -> None:
-    from workers.flower import describe
+    from genq.worker.flower import describe
 
     def kind_of(job: str) -> str | None:
         return {"j1": "video"}.get(job)

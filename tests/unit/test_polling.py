@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from config.settings import PollPolicy
 from genq.polling import clamp_to_deadline, error_delay, poll_delay
+from genq.settings import PollPolicy
 
 
 class FixedRng(random.Random):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from config.celeryconf import QUEUES, TASK_QUEUES, celery_config
-from config.settings import PollPolicy, Settings, SettingsError, get_settings, load_settings
+from genq.celeryconf import QUEUES, TASK_QUEUES, celery_config
+from genq.settings import PollPolicy, Settings, SettingsError, get_settings, load_settings
 
 KEY = "sk-CANARY-123"
 

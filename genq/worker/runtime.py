@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import threading
 
-from config.settings import get_settings
 from genq.services import Services
+from genq.settings import get_settings
 
 _lock = threading.Lock()
 _services: Services | None = None

@@ -38,11 +38,11 @@ from typing import Any
 
 from aiohttp import web
 
-from simulator.common import BadRequest, error_response, json_object, state_of
-from simulator.config import SimConfig
-from simulator.control import add_control_routes
-from simulator.files import add_file_routes
-from simulator.state import STATE_KEY, Job, JobKind, SimState
+from genq.simulator.common import BadRequest, error_response, json_object, state_of
+from genq.simulator.config import SimConfig
+from genq.simulator.control import add_control_routes
+from genq.simulator.files import add_file_routes
+from genq.simulator.state import STATE_KEY, Job, JobKind, SimState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -60,7 +60,7 @@ def install() -> None:
     version = kombu_version()
     if not is_supported(version):
         raise RuntimeError(
-            f"workers/kombu_fix.py patches kombu {supported_range()} internals, but kombu {version} is "
+            f"genq/worker/kombu_fix.py patches kombu {supported_range()} internals, but kombu {version} is "
             f"installed: install with `pip install -c constraints.txt`, or set {ESCAPE_HATCH}=off to run "
             "without the patch (see docs/operations.md)"
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from config.celeryconf import celery_config
-from config.settings import Settings, SettingsError, get_settings
+from genq.celeryconf import celery_config
+from genq.settings import Settings, SettingsError, get_settings
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -14,9 +14,11 @@ def create_app(settings: Settings | None = None) -> Celery:
             settings = get_settings()
         except SettingsError as exc:
             raise SystemExit(str(exc)) from None
-    app = Celery("genqueue", include=["tasks.jobs"], set_as_current=True, task_cls="workers.base:GenqTask")
+    app = Celery(
+        "genqueue", include=["genq.worker.tasks"], set_as_current=True, task_cls="genq.worker.base:GenqTask"
+    )
     app.conf.update(celery_config(settings))
-    from workers import kombu_fix, signals  # noqa: F401  (signals connects the worker signal handlers)
+    from genq.worker import kombu_fix, signals  # noqa: F401  (signals connects the worker signal handlers)
 
     kombu_fix.install()
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from simulator.config import SimConfig
+from genq.simulator.config import SimConfig
 
 JobKind = Literal["image", "upscale", "video"]
 Outcome = Literal["success", "failed", "never"]

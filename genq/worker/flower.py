@@ -24,9 +24,9 @@ from typing import Any
 
 import tornado.web
 
-from config.settings import Settings
 from genq.errors import GenqError
 from genq.services import ledger_for, redis_client
+from genq.settings import Settings
 
 log = logging.getLogger("genq.flower")
 
@@ -134,7 +134,7 @@ def serve(settings: Settings, *, local_only: bool, address: str, port: int) -> N
     from flower.urls import settings as app_settings
     from flower.views.monitor import Metrics
 
-    from workers.celery_app import app as celery_app
+    from genq.worker.celery_app import app as celery_app
 
     options.address = address
     options.port = port

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from config.settings import ENV_PREFIX, PollPolicy, Settings
+from genq.settings import ENV_PREFIX, PollPolicy, Settings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 

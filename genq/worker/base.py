@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task
 
-from workers.runtime import services
+from genq.worker.runtime import services
 
 log = logging.getLogger("genq.worker")
 
@@ -26,7 +26,7 @@ class GenqTask(Task):  # type: ignore[misc]
             limit = services().settings.worker.max_deliveries
             if deliveries > limit:
                 log.error("%s[%s] delivered %d times: poison", self.name, task_id, deliveries)
-                from tasks.jobs import dispatch
+                from genq.worker.tasks import dispatch
 
                 dispatch(services().poison(self.name, str(args[0]), deliveries))
                 return None

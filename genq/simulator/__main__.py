@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 from pydantic import ValidationError
 
-from simulator.app import build_app
-from simulator.config import Duration, SimConfig
+from genq.simulator.app import build_app
+from genq.simulator.config import Duration, SimConfig
 
 LISTENING_PREFIX = "SIMULATOR LISTENING "
 # Short so that a stop never waits long on a slow-drip download still in flight.

@@ -19,9 +19,9 @@ from celery.signals import (
     worker_ready,
 )
 
-from config.settings import get_settings
 from genq import logs, metrics
-from workers import runtime
+from genq.settings import get_settings
+from genq.worker import runtime
 
 log = logging.getLogger("genq.worker")
 

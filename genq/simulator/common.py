@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from simulator.state import STATE_KEY, SimState
+from genq.simulator.state import STATE_KEY, SimState
 
 
 class BadRequest(Exception):

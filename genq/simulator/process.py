@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from simulator.config import SimConfig
+from genq.simulator.config import SimConfig
 
 LISTENING_PREFIX = "SIMULATOR LISTENING "
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def start_simulator(
     log_dir = Path(tempfile.mkdtemp(prefix="genq-sim-"))
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "simulator", "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "genq.simulator", "--host", host, "--port", str(port)]
     command += ["--config-json", json.dumps(config.model_dump())]
     # Files rather than pipes: nobody drains the pipes after startup, and a full pipe would stall the server.
     with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:

@@ -20,8 +20,8 @@ from functools import lru_cache
 
 from aiohttp import web
 
-from simulator.common import error_response, state_of
-from simulator.state import Job, SimState
+from genq.simulator.common import error_response, state_of
+from genq.simulator.state import Job, SimState
 
 CHUNK_SIZE = 64 * 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

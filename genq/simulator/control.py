@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from simulator.common import BadRequest, error_response, json_object, state_of
-from simulator.files import png_bytes, video_sha256
+from genq.simulator.common import BadRequest, error_response, json_object, state_of
+from genq.simulator.files import png_bytes, video_sha256
 
 # Hashing a large video blocks the loop for a while; above this size it moves to a thread.
 _HASH_IN_THREAD_ABOVE = 4 * 1024 * 1024

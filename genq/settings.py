@@ -1,0 +1,348 @@
+"""genqueue settings: one pydantic-settings model, read from ``GENQ_*`` env vars and ``.env``.
+
+Groups nest with a single underscore after the prefix: ``GENQ_API_BASE_URL`` is ``api.base_url``,
+``GENQ_REDIS_URL`` is ``redis.url``. A poll policy is one JSON value; fields left out keep their defaults::
+
+    GENQ_POLL_IMAGE='{"first_delay": 1, "interval": 2, "deadline": 600}'
+
+Settings are built by :func:`get_settings` (a factory) and never mutated after that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
+
+ENV_PREFIX = "GENQ_"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OutboundRules(_Group):
+    """Where genqueue may connect to fetch or post for untrusted URLs (the SSRF guard's inputs)."""
+
+    allow_http: bool = False
+    """Allow plain http:// URLs; https:// only otherwise."""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    """When set, URLs must be on one of these hosts (``cdn.example.com``, ``*.example.com``);
+    comma-separated in the environment."""
+    allow_private: bool = False
+    """Allow loopback, private and link-local addresses (local development only)."""
+    allowed_networks: Annotated[list[str], NoDecode] = []
+    """CIDRs allowed although private (an internal host), comma-separated."""
+
+    @field_validator("allowed_hosts", "allowed_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr)  # ValueError names the bad entry
+        return value
+
+
+class ApiSettings(_Group):
+    """The upstream generation API."""
+
+    base_url: str = "http://127.0.0.1:8900"
+    """Root URL of the API, without a trailing slash."""
+    key: SecretStr = SecretStr("")
+    """Bearer token. Never logged, never sent to Celery, never stored in Redis."""
+    connect_timeout: float = Field(5.0, gt=0)
+    """Seconds to establish a connection."""
+    read_timeout: float = Field(30.0, gt=0)
+    """Seconds to wait for each response."""
+    submit_at_least_once: bool = False
+    """Retry a submit whose outcome is unknown (a timeout after sending, a worker dying mid-POST)
+    instead of ending it ``submit_unknown``: no job is stuck, but one may be paid for twice."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class RedisSettings(_Group):
+    """Redis: the ledger, the result backend and (unless ``broker_url`` is set) the broker."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Ledger and result backend; ``redis://``, ``rediss://`` (TLS) or ``unix://``, password in the URL."""
+    broker_url: str | None = None
+    """Celery broker; defaults to ``url``. May be ``amqp://`` (RabbitMQ)."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.url
+
+
+class PollPolicy(_Group):
+    """How one kind of upstream job is polled. All times in seconds."""
+
+    first_delay: float = Field(gt=0)
+    """Wait after submission before the first status check."""
+    interval: float = Field(gt=0)
+    """Wait between the first checks."""
+    backoff: float = Field(1.0, ge=1.0)
+    """Each further wait is the previous one times this factor."""
+    max_interval: float = Field(gt=0)
+    """Cap on any single wait."""
+    jitter: float = Field(0.1, ge=0, lt=1)
+    """Each wait is spread by up to ± this fraction, so polls do not fire in lockstep."""
+    deadline: float = Field(gt=0)
+    """After this long since submission the job ends ``timed_out`` and polling stops."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PollPolicy:
+        if self.max_interval < self.interval:
+            raise ValueError("max_interval must be >= interval")
+        return self
+
+
+class PollSettings(_Group):
+    """One poll policy per job kind, and one for model training."""
+
+    image: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
+    upscale: PollPolicy = PollPolicy(first_delay=2, interval=2, backoff=1.25, max_interval=10, deadline=900)
+    video: PollPolicy = PollPolicy(first_delay=15, interval=10, backoff=1.25, max_interval=30, deadline=3600)
+    model: PollPolicy = PollPolicy(
+        first_delay=300, interval=300, backoff=1.0, max_interval=300, jitter=0.05, deadline=7200
+    )
+    """Model training: usually 20-25 minutes, so checked about every 5 minutes."""
+    countdown_max: float = Field(60.0, gt=0)
+    """Waits up to this long are countdown messages; longer ones are held in Redis by due time and
+    dispatched by the sweeper, so they cost no worker memory and no visibility-timeout risk."""
+    error_backoff: float = Field(2.0, gt=0)
+    """First wait after a transient upstream error; doubles per consecutive error."""
+    max_errors: int = Field(8, ge=1)
+    """Consecutive transient errors on one job before it ends ``failed``."""
+
+
+class DownloadSettings(OutboundRules):
+    """Downloads of job outputs. Output URLs are untrusted input."""
+
+    dir: Path = Path("downloads")
+    """Where files land, as ``<dir>/<job id>/<index>.<ext>``."""
+    max_bytes: int = Field(1024**3, gt=0)
+    """Largest file accepted, in bytes."""
+    timeout: float = Field(600.0, gt=0)
+    """Wall-clock limit for one file, in seconds."""
+    chunk_bytes: int = Field(256 * 1024, ge=4096)
+    """Read size while streaming, in bytes: the memory a download holds."""
+    max_redirects: int = Field(3, ge=0, le=10)
+    """Redirects followed per file, each hop checked like the first; 0 refuses redirects."""
+    max_attempts: int = Field(5, ge=1)
+    """Tries per file on transient errors before the job ends ``failed``."""
+
+
+class LimitSettings(_Group):
+    """Limits on calls to the upstream API, shared by every worker through Redis. 0 means no limit."""
+
+    rate: float = Field(0.0, ge=0)
+    """Requests per second over all endpoints."""
+    trigger_rate: float = Field(0.0, ge=0)
+    """Requests per second to the paid triggers (POST /images/..., /videos/...)."""
+    status_rate: float = Field(0.0, ge=0)
+    """Requests per second to GET /jobs/{id}."""
+    models_rate: float = Field(0.0, ge=0)
+    """Requests per second to /models/..."""
+    max_concurrent: int = Field(0, ge=0)
+    """Upstream requests in flight at once."""
+
+
+class CallbackSettings(OutboundRules):
+    """Completion callbacks to producer apps (a Celery task by name, or a signed webhook)."""
+
+    secret: SecretStr = SecretStr("")
+    """HMAC-SHA256 key that signs every webhook; required to send webhooks."""
+    max_attempts: int = Field(6, ge=1)
+    """Delivery attempts before the job is marked callback_failed (the job keeps its own state)."""
+    backoff: float = Field(2.0, gt=0)
+    """First wait after a failed attempt, in seconds; doubles per attempt."""
+    timeout: float = Field(10.0, gt=0)
+    """Seconds to connect and to wait for the receiver's answer."""
+
+
+class WorkerSettings(_Group):
+    """Celery worker behaviour."""
+
+    task_time_limit: int = Field(900, gt=0)
+    """Hard limit per task execution, in seconds (downloads are the longest)."""
+    visibility_timeout: int = Field(3600, gt=0)
+    """Seconds before an unacknowledged message is delivered again. Must exceed the longest
+    countdown plus the longest task, or held polls are delivered twice."""
+    eta_task_limit: int = Field(20_000, gt=0)
+    """Most countdown tasks one worker holds in memory at once."""
+    soft_shutdown_timeout: float = Field(30.0, ge=0)
+    """Seconds a worker keeps running tasks after SIGTERM before requeueing the rest."""
+    job_ttl: int = Field(7 * 86400, gt=0)
+    """Seconds a finished job's record is kept."""
+    sweep_interval: float = Field(2.0, gt=0)
+    """Seconds between sweeps (beat): the sweeper dispatches held waits and re-drives stalled jobs."""
+    sweep_grace: float = Field(30.0, gt=0)
+    """Seconds past its due time before a job whose message never came is re-driven."""
+    max_deliveries: int = Field(5, ge=1)
+    """Deliveries of one task message before it counts as poison (it keeps killing its worker) and
+    its job ends failed."""
+
+    @model_validator(mode="after")
+    def _limits(self) -> WorkerSettings:
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError("GENQ_WORKER_TASK_TIME_LIMIT must be below GENQ_WORKER_VISIBILITY_TIMEOUT")
+        return self
+
+
+class FlowerSettings(_Group):
+    """``genq flower``, the monitoring UI. It refuses to start without ``basic_auth`` unless it is run
+    ``--local-only`` (loopback, no auth)."""
+
+    basic_auth: SecretStr = SecretStr("")
+    """``user:password``, several comma-separated. No default: a secret."""
+    address: str = "127.0.0.1"
+    """Address to listen on; loopback unless it must be reached from elsewhere (a container)."""
+    port: int = Field(5555, ge=0, le=65535)
+    """Port to listen on (0: any free port)."""
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _user_password(cls, value: SecretStr) -> SecretStr:
+        # The message must not echo the value: it is a password.
+        for entry in filter(None, value.get_secret_value().split(",")):
+            user, _, password = entry.partition(":")
+            if not user or not password:
+                raise ValueError("must be user:password (comma-separated for several), both non-empty")
+        return value
+
+    @property
+    def credentials(self) -> list[str]:
+        return [e for e in self.basic_auth.get_secret_value().split(",") if e]
+
+
+class MetricsSettings(_Group):
+    """``genq metrics``, the Prometheus exporter."""
+
+    address: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(9818, ge=0, le=65535)
+    """Port to listen on (0: any free port)."""
+
+
+class LogSettings(_Group):
+    """Log output of every genqueue process."""
+
+    format: Literal["text", "json"] = "text"
+    """``text``: Celery's human-readable lines; ``json``: one JSON object per line, each with the task
+    name and the job id it was logged under."""
+
+
+class Settings(BaseSettings):
+    """Everything genqueue reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        nested_model_default_partial_update=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    api: ApiSettings = ApiSettings()
+    redis: RedisSettings = RedisSettings()
+    poll: PollSettings = PollSettings()
+    download: DownloadSettings = DownloadSettings()
+    limits: LimitSettings = LimitSettings()
+    callbacks: CallbackSettings = CallbackSettings()
+    worker: WorkerSettings = WorkerSettings()
+    flower: FlowerSettings = FlowerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _visibility_covers_waits(self) -> Settings:
+        # No countdown is longer than poll.countdown_max (longer waits are held in Redis instead).
+        needed = self.poll.countdown_max + self.worker.task_time_limit
+        if self.worker.visibility_timeout <= needed:
+            raise ValueError(
+                f"GENQ_WORKER_VISIBILITY_TIMEOUT ({self.worker.visibility_timeout}s) must exceed "
+                f"GENQ_POLL_COUNTDOWN_MAX plus GENQ_WORKER_TASK_TIME_LIMIT ({needed:.0f}s), or countdown "
+                "messages would be delivered twice"
+            )
+        return self
+
+
+class SettingsError(RuntimeError):
+    """Settings are invalid; the message names each offending environment variable."""
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    if not parts:
+        return "settings"
+    head = ENV_PREFIX + parts[0].upper()
+    if len(parts) == 1:
+        return head
+    return f"{head}_{parts[1].upper()}" + ("" if len(parts) == 2 else f" (field {'.'.join(parts[2:])})")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and ``overrides``), or raise :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  {_env_name(tuple(err['loc']))}: {err['msg']}" for err in exc.errors()]
+        raise SettingsError("invalid genqueue settings:\n" + "\n".join(lines)) from None
+    except PydanticSettingsError as exc:
+        # Raised before validation when a JSON-valued variable (a GENQ_POLL_* policy) does not parse.
+        bad = [name for name, value in os.environ.items() if name.startswith(ENV_PREFIX) and _bad_json(value)]
+        names = ", ".join(bad) or "a GENQ_* variable holding JSON"
+        raise SettingsError(f"invalid genqueue settings:\n  {names}: not valid JSON ({exc})") from None
+
+
+def _bad_json(value: str) -> bool:
+    if not value.lstrip().startswith(("{", "[")):
+        return False
+    try:
+        json.loads(value)
+    except ValueError:
+        return True
+    return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built once on first use (not at import)."""
+    return load_settings()

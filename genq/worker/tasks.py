@@ -1,0 +1,93 @@
+"""The job pipeline tasks: submit -> poll (re-enqueued with countdowns) -> downloads -> finalize,
+the by-name intake for producers in other languages, and model training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from genq import intake as intake_service
+from genq.actions import (
+    Action,
+    Download,
+    Finalize,
+    Notify,
+    PollLater,
+    PollModelLater,
+    SubmitLater,
+    TrainLater,
+)
+from genq.worker.celery_app import app
+from genq.worker.runtime import services
+
+
+@app.task(name="genq.intake")
+def intake(request: dict[str, Any], request_id: str) -> None:
+    ready = intake_service.intake(services().ledger, request, request_id, services().settings)
+    dispatch(SubmitLater(job_id, 0.0) for job_id in ready)
+
+
+@app.task(name="genq.submit")
+def submit(job_id: str, gen: int = 0) -> None:
+    dispatch(services().jobs.submit(job_id, gen))
+
+
+@app.task(name="genq.poll")
+def poll(job_id: str, gen: int) -> None:
+    dispatch(services().jobs.poll(job_id, gen))
+
+
+@app.task(name="genq.download")
+def download(job_id: str, index: int, attempt: int = 0) -> None:
+    dispatch(services().jobs.download(job_id, index, attempt))
+
+
+@app.task(name="genq.finalize")
+def finalize(job_id: str) -> None:
+    dispatch(services().jobs.finalize(job_id))
+
+
+@app.task(name="genq.train")
+def train(model_id: str, gen: int = 0) -> None:
+    dispatch(services().training.train(model_id, gen))
+
+
+@app.task(name="genq.poll_model")
+def poll_model(model_id: str, gen: int) -> None:
+    dispatch(services().training.poll(model_id, gen))
+
+
+@app.task(name="genq.callback")
+def callback(job_id: str) -> None:
+    dispatch(services().callbacks.deliver(job_id, send_by_name))
+
+
+def send_by_name(name: str, args: list[Any], queue: str) -> None:
+    """A producer's own task, by name: genqueue never imports the producer's code."""
+    app.send_task(name, args=args, queue=queue)
+
+
+@app.task(name="genq.sweep")
+def sweep() -> None:
+    actions, _ = services().sweeper.sweep(min_gap=services().settings.worker.sweep_interval / 2)
+    dispatch(actions)
+
+
+def dispatch(actions: Iterable[Action]) -> None:
+    """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
+    for action in actions:
+        match action:
+            case SubmitLater(job_id, delay, gen):
+                submit.apply_async((job_id, gen), countdown=delay or None)
+            case PollLater(job_id, gen, delay):
+                poll.apply_async((job_id, gen), countdown=delay)
+            case Download(job_id, index, attempt, delay):
+                download.apply_async((job_id, index, attempt), countdown=delay or None)
+            case Finalize(job_id):
+                finalize.apply_async((job_id,))
+            case TrainLater(model_id, delay, gen):
+                train.apply_async((model_id, gen), countdown=delay or None)
+            case PollModelLater(model_id, gen, delay):
+                poll_model.apply_async((model_id, gen), countdown=delay)
+            case Notify(job_id, delay):
+                callback.apply_async((job_id,), countdown=delay or None)

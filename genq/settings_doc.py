@@ -1,8 +1,8 @@
 """Writes ``docs/settings.md`` from the pydantic model in :mod:`config.settings`.
 
 Every field becomes one row: its environment variable, default, accepted values and meaning (the
-attribute docstring under the field in ``config/settings.py``). ``make docs`` (``python -m
-config.settings_doc``) rewrites the file; a unit test fails when it differs from what this renders.
+attribute docstring under the field in ``genq/settings.py``). ``make docs`` (``python -m
+genq.settings_doc``) rewrites the file; a unit test fails when it differs from what this renders.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 HEADER = f"""# Settings
 
-<!-- Generated from config/settings.py by `make docs` (python -m config.settings_doc): do not edit by hand.
+<!-- Generated from genq/settings.py by `make docs` (python -m genq.settings_doc): do not edit by hand.
      tests/unit/test_docs.py fails when this file and the model disagree. -->
 
 Every setting is an environment variable with the `{ENV_PREFIX}` prefix, also read from a `.env` file in
@@ -39,11 +39,11 @@ stored in Redis.
 FOOTER = """
 ## Derived and other variables
 
-The Celery configuration is derived from these settings in `config/celeryconf.py`: see
+The Celery configuration is derived from these settings in `genq/celeryconf.py`: see
 [design](design.md#the-celery-configuration).
 
 One variable is not a setting: `GENQ_KOMBU_FIX=off` skips the Redis-restart patch of kombu in
-`workers/kombu_fix.py` and its version check (see [operations](operations.md#redis-restarts)).
+`genq/worker/kombu_fix.py` and its version check (see [operations](operations.md#redis-restarts)).
 """
 
 _LIMITS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}

@@ -13,6 +13,7 @@ input raises :class:`~genq.errors.InvalidRequest` and leaves no trace in Redis o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ from genq.intake import AnyRequest
 from genq.metrics import sent_at_header
 from genq.model_store import ModelLedger
 from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
-from genq.services import ledger_for, redis_client
+from genq.services import insecure_tls_warning, ledger_for, redis_client
 from genq.store import JobEvent
+
+log = logging.getLogger("genq.producer")
 
 
 class EnqueueError(GenqError):
@@ -58,6 +61,9 @@ class Producer:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
+        insecure = insecure_tls_warning(self.settings)
+        if insecure:
+            log.warning(insecure)
         self.redis: redis.Redis = redis_client(self.settings)
         self.ledger = ledger_for(self.redis, self.settings)
         self.models = ModelLedger(self.redis, grace=self.settings.worker.sweep_grace)

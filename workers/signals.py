@@ -14,6 +14,7 @@ from celery.signals import (
     before_task_publish,
     task_postrun,
     task_prerun,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -21,6 +22,7 @@ from celery.signals import (
 
 from config.settings import get_settings
 from genq import logs, metrics
+from genq.services import insecure_tls_warning
 from workers import runtime
 
 log = logging.getLogger("genq.worker")
@@ -35,6 +37,13 @@ def _build_services(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _close_services(**_: Any) -> None:
     runtime.reset()
+
+
+@worker_init.connect
+def _warn_insecure(**_: Any) -> None:
+    insecure = insecure_tls_warning(get_settings())
+    if insecure:
+        log.warning(insecure)
 
 
 @worker_ready.connect

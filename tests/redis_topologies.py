@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -350,8 +349,3 @@ def sentinel_set(
         finally:
             for node in nodes:
                 node.stop()
-
-
-def short_tmp_dir() -> tempfile.TemporaryDirectory[str]:
-    """A directory whose path is short enough for a unix socket (at most 107 bytes)."""
-    return tempfile.TemporaryDirectory(prefix="gq-")

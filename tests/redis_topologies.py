@@ -306,11 +306,29 @@ class SentinelSet:
         old = self.servers.primary
         old.kill()
         replica = self.servers.replica
-        wait_until(lambda: self.primary_port() == replica.port, timeout, "replica promoted")
+        # Every sentinel, since a client may ask any of them (redis-py skips one that still sees a
+        # primary down, and fails when none sees one up).
+        wait_until(
+            lambda: all(_names(n, self.master, replica.port) for n in self.sentinels), timeout, "promoted"
+        )
         wait_until(
             lambda: _info(replica, "replication").get("role") == "master", timeout, "replica a primary"
         )
         self.servers = Replicated(replica, old)
+
+
+def _names(node: SentinelNode, master: str, port: int) -> bool:
+    """Whether ``node`` names the server on ``port`` as the primary, up."""
+    client = node.client()
+    try:
+        state = client.sentinel_master(master)
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+    return bool(
+        state["port"] == port and state["is_master"] and not state["is_sdown"] and not state["is_odown"]
+    )
 
 
 def _ready(node: SentinelNode, master: str) -> bool:

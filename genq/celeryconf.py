@@ -6,10 +6,11 @@ Task names and queues live here so that producers (which import no task code) an
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 from kombu import Queue  # type: ignore[attr-defined]
 
-from genq.settings import Settings
+from genq.settings import RedisSettings, Settings
 
 SUBMIT, POLL, DOWNLOAD, TRAINING = "submit", "poll", "download", "training"
 QUEUES = (SUBMIT, POLL, DOWNLOAD, TRAINING)
@@ -31,18 +32,67 @@ SWEEP_EXPIRES = 900.0
 """Seconds after which a sweep message nobody took is dropped."""
 
 
+def redis_connection(redis: RedisSettings, transport: dict[str, Any]) -> dict[str, Any]:
+    """Broker and result backend URLs, TLS and transport options, from the Redis settings: the one
+    place that turns genqueue's (redis-py's) way of naming a Redis into Celery's and kombu's."""
+    if redis.sentinels:
+        return _sentinel_connection(redis, transport)
+    conf: dict[str, Any] = {
+        "broker_url": _celery_url(redis.broker),
+        "result_backend": _celery_url(redis.url),
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+    }
+    # Without these, kombu connects to a rediss:// broker with CERT_NONE (no check at all) and Celery
+    # refuses a rediss:// result backend.
+    if redis.broker.startswith("rediss://"):
+        conf["broker_use_ssl"] = redis.ssl_options()
+    if redis.url.startswith("rediss://"):
+        conf["redis_backend_use_ssl"] = redis.ssl_options()
+    return conf
+
+
+def _sentinel_connection(redis: RedisSettings, transport: dict[str, Any]) -> dict[str, Any]:
+    sentinel = {**transport, "master_name": redis.sentinel_master}
+    if redis.sentinel_password.get_secret_value():
+        sentinel["sentinel_kwargs"] = {"password": redis.sentinel_password.get_secret_value()}
+    urls = _sentinel_url(redis)
+    return {
+        "broker_url": redis.broker_url or urls,
+        "result_backend": urls,
+        "broker_transport_options": transport if redis.broker_url else sentinel,
+        "result_backend_transport_options": sentinel,
+    }
+
+
+def _celery_url(url: str) -> str:
+    """redis-py's ``unix:///path?db=N`` as kombu and Celery spell it: ``redis+socket:///path?virtual_host=N``."""
+    if not url.startswith("unix://"):
+        return url
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    db = query.get("db", ["0"])[0]
+    # redis-py also takes the password as a query option; kombu only in the URL's userinfo.
+    netloc = f":{quote(query['password'][0], safe='')}@" if "password" in query else parts.netloc
+    return f"redis+socket://{netloc}{parts.path}?virtual_host={db}"
+
+
+def _sentinel_url(redis: RedisSettings) -> str:
+    """One ``sentinel://`` URL per node, ``;``-separated; the password in it is the primary's."""
+    password = redis.sentinel_master_password.get_secret_value()
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return ";".join(f"sentinel://{auth}{node}/{redis.sentinel_db}" for node in redis.sentinels)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for workers and producers alike."""
     worker = settings.worker
     # One visibility timeout everywhere: a held countdown or a running task older than this is
     # delivered again, so Settings checks it exceeds the longest wait plus the longest task.
-    transport = {"visibility_timeout": worker.visibility_timeout}
+    transport: dict[str, Any] = {"visibility_timeout": worker.visibility_timeout}
     api_call = int(settings.api.connect_timeout + settings.api.read_timeout) + 30
     return {
-        "broker_url": settings.redis.broker,
-        "result_backend": settings.redis.url,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
+        **redis_connection(settings.redis, transport),
         "visibility_timeout": worker.visibility_timeout,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -65,11 +66,19 @@ class EmbeddedRedis:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    def listen_args(self) -> list[str]:
+        """Where the server listens; a variant (TLS, a unix socket) says so here and in :meth:`client`."""
+        return ["--port", str(self.port)]
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A client of this server, as the server is set up to be reached."""
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
+
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--port", str(self.port),
+            *self.listen_args(),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
@@ -84,9 +93,7 @@ class EmbeddedRedis:
         args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5
-        )
+        client = self.client(socket_connect_timeout=0.5)
         try:
             while True:
                 if self.process.poll() is not None:

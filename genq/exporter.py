@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from genq import keys, metrics
 from genq.celeryconf import QUEUES
 from genq.models import JobState
-from genq.services import redis_client
+from genq.services import broker_redis_client, redis_client
 from genq.settings import Settings
 from genq.store import Ledger
 
@@ -280,10 +280,9 @@ class Collector:
 
 def queue_probe(settings: Settings, clock: Callable[[], float] = time.time) -> QueueProbe | None:
     broker = settings.redis.broker
-    if broker.startswith(("redis://", "rediss://", "unix://")):
-        return RedisQueues(
-            redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5), QUEUES, clock
-        )
+    client = broker_redis_client(settings)
+    if client is not None:
+        return RedisQueues(client, QUEUES, clock)
     if broker.startswith(("amqp://", "amqps://", "pyamqp://")):
         return AmqpQueues(broker, QUEUES)
     log.warning("no queue metrics for this broker's transport")

@@ -88,6 +88,11 @@ class JobService:
             return self._end(rec, JobState.CANCELLED, [JobState.PENDING], reason)
         if not moved.ok:
             return [] if moved.reason == "stale" else self._submit_found(rec)
+        replicas = self.settings.redis.durable_replicas
+        if not self.ledger.make_durable(replicas, self.settings.redis.durable_timeout):
+            # A failover now could lose the move to submitting and let the job be posted again.
+            exc = UpstreamUnavailable(f"ledger write not on {replicas} replica(s) yet; nothing posted")
+            return self._submit_retry(rec, exc)
         try:
             upstream = self.api.trigger(rec.kind, rec.request)
         except UpstreamUnavailable as exc:

@@ -25,6 +25,8 @@ MODELS_DUE = f"{PREFIX}:models:due"
 SWEEP_LOCK = f"{PREFIX}:sweep:lock"
 """String with a short TTL: a sweep is running or just ran, so a sweep message arriving now (a
 backlog of them, or two beats) does nothing."""
+DURABLE_MARK = f"{PREFIX}:durable:mark"
+"""String written just before a WAIT by :meth:`genq.store.Ledger.make_durable` (its value: when)."""
 SWEEP_LAST = f"{PREFIX}:sweep:last"
 """String: when the sweeper last ran (Unix time), for health checks."""
 METRICS = f"{PREFIX}:metrics"

@@ -30,7 +30,7 @@ from genq.intake import AnyRequest
 from genq.metrics import sent_at_header
 from genq.model_store import ModelLedger
 from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
-from genq.services import ledger_for, redis_client
+from genq.services import insecure_tls_warning, ledger_for, redis_client
 from genq.settings import Settings, get_settings
 from genq.store import JobEvent
 
@@ -58,6 +58,9 @@ class Producer:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
+        insecure = insecure_tls_warning(self.settings)
+        if insecure:
+            log.warning(insecure)
         self.redis: redis.Redis = redis_client(self.settings)
         self.ledger = ledger_for(self.redis, self.settings)
         self.models = ModelLedger(self.redis, grace=self.settings.worker.sweep_grace, clock=self.ledger.clock)

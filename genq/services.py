@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any, Final
 
 import redis
+from redis.sentinel import Sentinel
 
 from genq import keys, metrics
 from genq.actions import Action
@@ -16,21 +18,86 @@ from genq.jobs import JobService, net_policy
 from genq.limits import Limits, UpstreamLimiter
 from genq.model_store import ModelLedger
 from genq.netguard import guarded_session
-from genq.settings import Settings
+from genq.settings import RedisSettings, Settings
 from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
 from genq.workflows import WorkflowService
 
+_TIMEOUTS: Final = {
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "health_check_interval": 30,
+    "retry_on_timeout": True,
+}
+"""So that a dead Redis fails fast instead of hanging."""
+
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A client with its own connection pool; timeouts so a dead Redis fails fast instead of hanging."""
-    return redis.Redis.from_url(
-        settings.redis.url,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=True,
+    """The ledger's client, with its own connection pool: through Sentinel when it is configured."""
+    if settings.redis.sentinels:
+        return sentinel_primary(settings.redis)
+    return redis_for_url(settings.redis.url, settings.redis)
+
+
+def redis_for_url(url: str, options: RedisSettings) -> redis.Redis:
+    """A client for ``url``; a ``rediss://`` one checks the server's certificate per ``options``."""
+    tls = options.ssl_options() if url.startswith("rediss://") else {}
+    return redis.Redis.from_url(url, **_TIMEOUTS, **tls)
+
+
+def broker_redis_client(settings: Settings) -> redis.Redis | None:
+    """A client for the broker's Redis, or None when the broker is not Redis (RabbitMQ)."""
+    broker_url = settings.redis.broker_url
+    if broker_url is None:
+        return redis_client(settings)
+    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return redis_for_url(broker_url, settings.redis)
+    return None
+
+
+class _SentinelPrimary(redis.Redis):
+    """The Sentinel-managed primary; closing it also closes the connections to the sentinels."""
+
+    sentinel_manager: Sentinel | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.sentinel_manager is not None:
+            self.sentinel_manager.close()
+
+
+def sentinel_primary(options: RedisSettings) -> redis.Redis:
+    """A client that asks the sentinels where the primary is, and asks again after a connection
+    error, so it follows a failover."""
+    nodes = [(host, int(port)) for host, _, port in (node.rpartition(":") for node in options.sentinels)]
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs(options))  # type: ignore[no-untyped-call]
+    client: _SentinelPrimary = sentinel.master_for(  # type: ignore[no-untyped-call]
+        options.sentinel_master,
+        redis_class=_SentinelPrimary,
+        password=options.sentinel_master_password.get_secret_value() or None,
+        db=options.sentinel_db,
+        **_TIMEOUTS,
+    )
+    client.sentinel_manager = sentinel
+    return client
+
+
+def sentinel_kwargs(options: RedisSettings) -> dict[str, Any]:
+    """How to connect to the sentinel nodes themselves (not to the primary)."""
+    kwargs: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 2}
+    if options.sentinel_password.get_secret_value():
+        kwargs["password"] = options.sentinel_password.get_secret_value()
+    return kwargs
+
+
+def insecure_tls_warning(settings: Settings) -> str | None:
+    """The warning every process logs at start when the certificate check is turned off."""
+    if not settings.redis.tls_insecure:
+        return None
+    return (
+        "GENQ_REDIS_TLS_INSECURE is on: Redis TLS connections do not check the server's certificate, "
+        "so anyone on the network path can read and change every job and message"
     )
 
 

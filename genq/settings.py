@@ -13,9 +13,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -87,24 +89,173 @@ class ApiSettings(_Group):
         return value.rstrip("/")
 
 
-class RedisSettings(_Group):
-    """Redis: the ledger, the result backend and (unless ``broker_url`` is set) the broker."""
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_BROKER_SCHEMES = (*_REDIS_SCHEMES, "amqp://", "amqps://", "pyamqp://")
+_TLS_ENV = (
+    "GENQ_REDIS_TLS_CA_FILE, GENQ_REDIS_TLS_CERT_FILE, GENQ_REDIS_TLS_KEY_FILE or GENQ_REDIS_TLS_INSECURE"
+)
+_SENTINEL_ONLY = ("sentinel_master", "sentinel_password", "sentinel_master_password", "sentinel_db")
 
-    url: str = "redis://127.0.0.1:6379/0"
-    """Ledger and result backend; ``redis://``, ``rediss://`` (TLS) or ``unix://``, password in the URL."""
+
+class RedisSettings(_Group):
+    """Redis: the ledger, the result backend and (unless ``broker_url`` is set) the broker.
+
+    One of three ways to reach it: a ``redis://`` or ``rediss://`` (TLS) URL, a ``unix://`` socket, or
+    Redis Sentinel (``sentinels`` and ``sentinel_master``, with ``url`` left unset)."""
+
+    url: str = DEFAULT_REDIS_URL
+    """Ledger and result backend; ``redis://``, ``rediss://`` (TLS) or ``unix:///path?db=N``, password
+    in the URL."""
     broker_url: str | None = None
-    """Celery broker; defaults to ``url``. May be ``amqp://`` (RabbitMQ)."""
+    """Celery broker; defaults to ``url`` (or the Sentinel-managed primary). May be ``amqp://``
+    (RabbitMQ)."""
+    tls_ca_file: Path | None = None
+    """PEM file of the CA(s) that signed the Redis server's certificate; the system CAs otherwise."""
+    tls_cert_file: Path | None = None
+    """Client certificate (PEM), for a server that requires clients to authenticate by certificate."""
+    tls_key_file: Path | None = None
+    """Private key (PEM) of ``tls_cert_file``."""
+    tls_insecure: bool = False
+    """Connect over TLS without checking the server's certificate or name. Anyone on the path can then
+    read and change every job and message; logged as a warning at every start."""
+    sentinels: Annotated[list[str], NoDecode] = []
+    """Redis Sentinel nodes as ``host:port``, comma-separated; ledger, broker and result backend then
+    follow the primary Sentinel names."""
+    sentinel_master: str = ""
+    """The name the sentinels monitor the primary under (``sentinel monitor <name> ...``)."""
+    sentinel_password: SecretStr = SecretStr("")
+    """Password of the Sentinel nodes themselves (their ``requirepass``), if any."""
+    sentinel_master_password: SecretStr = SecretStr("")
+    """Password of the primary and its replicas, if any."""
+    sentinel_db: int = Field(0, ge=0)
+    """Database number on the Sentinel-managed primary."""
+    durable_replicas: int = Field(0, ge=0)
+    """Replicas that must acknowledge a job's writes before its paid POST is sent (Redis ``WAIT``);
+    0 sends without waiting."""
+    durable_timeout: float = Field(0.5, gt=0)
+    """Seconds to wait for those acknowledgements."""
 
     @field_validator("url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
+        if not value.startswith(_REDIS_SCHEMES):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return _no_tls_query(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_BROKER_SCHEMES):
+            raise ValueError("must be a redis://, rediss://, unix://, amqp://, amqps:// or pyamqp:// URL")
+        return None if value is None else _no_tls_query(value)
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
         return value
+
+    @field_validator("sentinels", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("sentinels")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{entry!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RedisSettings:
+        for problem in (self._tls_problem(), self._sentinel_problem()):
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def _tls_problem(self) -> str | None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            return "GENQ_REDIS_TLS_CERT_FILE and GENQ_REDIS_TLS_KEY_FILE go together: set both or neither"
+        if self.tls_insecure and self.tls_ca_file is not None:
+            return "GENQ_REDIS_TLS_INSECURE turns off the check GENQ_REDIS_TLS_CA_FILE is for: set one"
+        if self.tls_configured and not self.tls_urls:
+            where = "GENQ_REDIS_SENTINELS" if self.sentinels else "GENQ_REDIS_URL or GENQ_REDIS_BROKER_URL"
+            return (
+                f"{_TLS_ENV} is set but {where} connects in plain text: write rediss:// for TLS "
+                "(TLS through Sentinel is not supported)"
+            )
+        return None
+
+    def _sentinel_problem(self) -> str | None:
+        if not self.sentinels:
+            # Compared with the defaults: every field counts as set here (groups update partially).
+            defaults = RedisSettings.model_fields
+            extra = [
+                f"GENQ_REDIS_{name.upper()}"
+                for name in _SENTINEL_ONLY
+                if getattr(self, name) != defaults[name].default
+            ]
+            return f"{', '.join(extra)} need GENQ_REDIS_SENTINELS" if extra else None
+        if not self.sentinel_master:
+            return "GENQ_REDIS_SENTINEL_MASTER is required with GENQ_REDIS_SENTINELS"
+        if self.url != DEFAULT_REDIS_URL:
+            return (
+                "GENQ_REDIS_URL and GENQ_REDIS_SENTINELS are exclusive: Sentinel names the primary; "
+                "put its password in GENQ_REDIS_SENTINEL_MASTER_PASSWORD and its database in "
+                "GENQ_REDIS_SENTINEL_DB"
+            )
+        if self.broker_url is not None and self.broker_url.startswith(_REDIS_SCHEMES):
+            return (
+                "GENQ_REDIS_BROKER_URL is a Redis URL while GENQ_REDIS_SENTINELS is set: leave it unset "
+                "to use the Sentinel-managed primary as the broker (or point it at RabbitMQ)"
+            )
+        return None
 
     @property
     def broker(self) -> str:
+        """The broker URL as written (for Sentinel, the primary's ``url`` is not used: see celeryconf)."""
         return self.broker_url or self.url
+
+    @property
+    def tls_configured(self) -> bool:
+        return self.tls_insecure or any(
+            f is not None for f in (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        )
+
+    @property
+    def tls_urls(self) -> bool:
+        """Whether the ledger or the broker connects with ``rediss://``."""
+        return not self.sentinels and (
+            self.url.startswith("rediss://") or self.broker.startswith("rediss://")
+        )
+
+    def ssl_options(self) -> dict[str, Any]:
+        """redis-py's TLS keyword arguments (also what kombu and Celery take as ``*_use_ssl``):
+        the server's certificate and name are checked unless ``tls_insecure``."""
+        if self.tls_insecure:
+            return {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_check_hostname": False}
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+        if self.tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(self.tls_ca_file)
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            options["ssl_certfile"] = str(self.tls_cert_file)
+            options["ssl_keyfile"] = str(self.tls_key_file)
+        return options
+
+
+def _no_tls_query(url: str) -> str:
+    # redis-py lets URL query options override keyword arguments, so ?ssl_cert_reqs=none in a URL
+    # would silently turn the certificate check off for the ledger.
+    if any(key.lower().startswith("ssl") for key in parse_qs(urlsplit(url).query)):
+        raise ValueError(f"TLS options do not go in the URL: use {_TLS_ENV}")
+    return url
 
 
 class PollPolicy(_Group):

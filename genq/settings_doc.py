@@ -1,4 +1,4 @@
-"""Writes ``docs/settings.md`` from the pydantic model in :mod:`config.settings`.
+"""Writes ``docs/settings.md`` from the pydantic model in :mod:`genq.settings`.
 
 Every field becomes one row: its environment variable, default, accepted values and meaning (the
 attribute docstring under the field in ``genq/settings.py``). ``make docs`` (``python -m

@@ -501,6 +501,22 @@ class Ledger:
             )
         )
 
+    def make_durable(self, replicas: int, timeout: float) -> bool:
+        """Whether at least ``replicas`` replicas have every write made so far (by any connection, this
+        ledger's or not), waiting up to ``timeout`` seconds for them; True at once when ``replicas`` is 0.
+
+        WAIT only counts acknowledgements of what its own connection last did (its last write on Redis
+        7.2+, its last command on 7.0), and a pooled connection may not be the one that wrote. So a
+        small marker write and the WAIT go in one pipeline, on one connection: the replication stream
+        is ordered, so a replica that has the marker has everything written before it."""
+        if replicas <= 0:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.DURABLE_MARK, repr(self.clock()))
+        pipe.wait(replicas, max(1, int(timeout * 1000)))
+        _, acknowledged = pipe.execute()
+        return int(acknowledged) >= replicas
+
 
 def as_text(value: Any) -> str:
     if isinstance(value, bytes):

@@ -14,12 +14,14 @@ from celery.signals import (
     before_task_publish,
     task_postrun,
     task_prerun,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
 )
 
 from genq import logs, metrics
+from genq.services import insecure_tls_warning
 from genq.settings import get_settings
 from genq.worker import runtime
 
@@ -35,6 +37,13 @@ def _build_services(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _close_services(**_: Any) -> None:
     runtime.reset()
+
+
+@worker_init.connect
+def _warn_insecure(**_: Any) -> None:
+    insecure = insecure_tls_warning(get_settings())
+    if insecure:
+        log.warning(insecure)
 
 
 @worker_ready.connect

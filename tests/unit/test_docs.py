@@ -17,9 +17,6 @@ ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
-# Written on another branch at the same time as these docs, which link to it already. Remove the entry
-# once docs/redis.md is in the repository: from then on a missing file fails like any other.
-PENDING = {DOCS / "redis.md"}
 
 
 def _env_names() -> list[str]:
@@ -99,8 +96,6 @@ def test_every_relative_link_resolves(page: Path) -> None:
             continue  # https:, mailto:
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page
-        if target in PENDING and not target.exists():
-            continue
         if not target.is_relative_to(ROOT) or not target.exists():
             broken.append(link)
         elif anchor and target.suffix == ".md":

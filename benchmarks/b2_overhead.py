@@ -46,9 +46,9 @@ ENV = {"GENQ_POLL_IMAGE": POLICY}
 # Functions whose cumulative time explains a genqueue job (file suffix, function name, label).
 BREAKDOWN = [
     ("celery/app/trace.py", "trace_task", "all task runs (Celery trace, incl. everything below)"),
-    ("workers/base.py", "__call__", "genqueue task body incl. delivery count"),
+    ("genq/worker/base.py", "__call__", "genqueue task body incl. delivery count"),
     ("genq/services.py", "deliveries", "delivery counting (Redis pipeline)"),
-    ("tasks/jobs.py", "dispatch", "dispatching next tasks (apply_async)"),
+    ("genq/worker/tasks.py", "dispatch", "dispatching next tasks (apply_async)"),
     ("genq/jobs.py", "submit", "JobService.submit"),
     ("genq/jobs.py", "poll", "JobService.poll"),
     ("genq/jobs.py", "download", "JobService.download"),
@@ -179,7 +179,7 @@ def _genqueue(ctx: Context, s: Stack, n: int, monitor: bool = False, profile: bo
     prof_dir = s.workdir / f"profile-{time.monotonic_ns()}"
     prof_dir.mkdir(parents=True, exist_ok=True)
     env = {**ENV, "BENCH_PROFILE_DIR": str(prof_dir)}
-    app = "benchmarks.profiled_app" if profile else "workers"
+    app = "benchmarks.profiled_app" if profile else "genq.worker"
     s.worker(app=app, concurrency=CONCURRENCY, env=env)
     s.beat(env=env)
     producer = producer_for(s, ENV)

@@ -79,7 +79,7 @@ def run(ctx: Context) -> BenchResult:
         # sustains (the full N may exceed its poll rate, and then the backlog hides the sweep's share).
         sustained: dict[str, Any] = {}
         if not ctx.quick:
-            for label, app in (("genqueue", "workers"), ("lookahead_prototype", "benchmarks.lookahead_app")):
+            for label, app in (("genqueue", "genq.worker"), ("lookahead_prototype", "benchmarks.lookahead_app")):
                 s.reset()
                 ctx.log(f"{NAME}: {SUSTAINED:,} in flight, {label} ({app})")
                 run_ = _genqueue(ctx, s, SUSTAINED, SUSTAINED_WINDOW, app=app)
@@ -192,7 +192,7 @@ def _late_why(gq: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "workers") -> dict[str, Any]:
+def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.worker") -> dict[str, Any]:
     settings = settings_for(s, ENV)
     ctx.log(f"{NAME}: starting the default pools (submit, poll, download, training) and beat")
     workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS])

@@ -148,7 +148,7 @@ def run(ctx: Context) -> BenchResult:
 
 
 def _genqueue(
-    ctx: Context, s: Stack, files: int, app: str = "workers", ablate: str = "", pool: str = "threads"
+    ctx: Context, s: Stack, files: int, app: str = "genq.worker", ablate: str = "", pool: str = "threads"
 ) -> dict[str, Any]:
     s.worker(queues=["submit", "poll"], concurrency=2, env=ENV)
     producer = producer_for(s, ENV)

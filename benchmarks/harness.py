@@ -129,7 +129,7 @@ class BenchWorker(WorkerProcess):
     """A ``celery worker`` of any app (genqueue's ``workers`` or a benchmark app), tracked for cleanup."""
 
     def __init__(
-        self, env: Mapping[str, str], *, app: str = "workers", loglevel: str = "INFO", **kwargs: Any
+        self, env: Mapping[str, str], *, app: str = "genq.worker", loglevel: str = "INFO", **kwargs: Any
     ) -> None:
         super().__init__(env, cwd=ROOT, **kwargs)
         self.args[self.args.index("-A") + 1] = app
@@ -219,7 +219,7 @@ class Stack:
         queues: Sequence[str] = QUEUES,
         concurrency: int = 2,
         pool: str = "prefork",
-        app: str = "workers",
+        app: str = "genq.worker",
         env: Mapping[str, str] | None = None,
         start: bool = True,
         extra_args: Sequence[str] = (),

@@ -98,7 +98,7 @@ def test_bad_input_is_refused_before_anything_is_written(stack: Stack) -> None:
 def test_worker_refuses_invalid_settings_naming_the_variable(tmp_path: Path) -> None:
     env = _clean_env(GENQ_REDIS_URL="http://nope", GENQ_WORKER_VISIBILITY_TIMEOUT="ten")
     result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "poll"],
+        [sys.executable, "-m", "celery", "-A", "genq.worker", "worker", "-Q", "poll"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0

@@ -119,7 +119,7 @@ def test_plain_celery_flower_leaves_metrics_open_which_genq_flower_closes(stack:
     port = free_port()
     env = {**os.environ, **stack.env}
     plain = Service(
-        [str(BIN / "celery"), "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1",
+        [str(BIN / "celery"), "-A", "genq.worker", "flower", f"--port={port}", "--address=127.0.0.1",
          "--basic-auth=ops:pw-0d9f"],
         env,
         stack.tmp / "plain-flower.log",

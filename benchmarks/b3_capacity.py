@@ -79,7 +79,10 @@ def run(ctx: Context) -> BenchResult:
         # sustains (the full N may exceed its poll rate, and then the backlog hides the sweep's share).
         sustained: dict[str, Any] = {}
         if not ctx.quick:
-            for label, app in (("genqueue", "genq.worker"), ("lookahead_prototype", "benchmarks.lookahead_app")):
+            for label, app in (
+                ("genqueue", "genq.worker"),
+                ("lookahead_prototype", "benchmarks.lookahead_app"),
+            ):
                 s.reset()
                 ctx.log(f"{NAME}: {SUSTAINED:,} in flight, {label} ({app})")
                 run_ = _genqueue(ctx, s, SUSTAINED, SUSTAINED_WINDOW, app=app)

@@ -145,7 +145,7 @@ class CallbackService:
             log.warning("job %s: callback_failed after %d attempts: %s", rec.id, attempts, reason)
             return []
         delay = error_delay(self.settings.callbacks.backoff, attempts, None, 300.0, self.rng)
-        held = delay > self.settings.poll.countdown_max
+        held = self.settings.poll.held(delay)
         now = self.clock()
         retry_at = now + delay + (0.0 if held else self.settings.worker.sweep_grace)
         self.ledger.callback_attempted(

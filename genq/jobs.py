@@ -16,21 +16,21 @@ from typing import Any
 
 import requests
 
-from genq import downloads
+from genq import downloads, retry
 from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.errors import (
     DownloadRefused,
+    GenqError,
     PermanentError,
     ProtocolError,
-    Throttled,
     TransientError,
     UpstreamUnavailable,
 )
 from genq.metrics import Recorder
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.netguard import NetPolicy, policy_from
-from genq.polling import clamp_to_deadline, error_delay, poll_delay
+from genq.polling import clamp_to_deadline, poll_delay
 from genq.settings import PollPolicy, Settings
 from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
@@ -99,15 +99,11 @@ class JobService:
             if exc.ambiguous and not self.settings.api.submit_at_least_once:
                 return self._unknown(rec, str(exc))
             return self._submit_retry(rec, exc)
-        except Throttled as exc:
-            return self._submit_retry(rec, exc, counted=False)
-        except TransientError as exc:
-            return self._submit_retry(rec, exc)
         except ProtocolError as exc:
             # A 2xx answer we cannot read: the upstream accepted the POST, so it may be paid for.
             return self._unknown(rec, f"unreadable answer: {exc}")
-        except PermanentError as exc:
-            return self._end(rec, JobState.FAILED, [JobState.SUBMITTING], f"submit refused: {exc}")
+        except GenqError as exc:
+            return self._submit_retry(rec, exc)
         return self._submitted(rec, upstream.job_id, upstream.status.value)
 
     def _submitted(self, rec: JobRecord, upstream_id: str, status: str) -> list[Action]:
@@ -135,34 +131,35 @@ class JobService:
         log.info("job %s submitted as upstream %s; first poll in %.1fs", rec.id, upstream_id, delay)
         return actions
 
-    def _submit_retry(self, rec: JobRecord, exc: TransientError, counted: bool = True) -> list[Action]:
-        """Back to pending for a later try, as a new step generation (so a duplicate chain dies). A
-        throttled try (nothing was sent) is not counted."""
-        attempts = rec.submit_attempts + 1 if counted else rec.submit_attempts
-        if attempts >= MAX_SUBMIT_ATTEMPTS:
-            return self._end(
-                rec, JobState.FAILED, [JobState.SUBMITTING], f"submit failed {attempts} times: {exc}"
-            )
-        if counted:
-            delay = error_delay(self.settings.poll.error_backoff, attempts, exc.retry_after, 60.0, self.rng)
-        else:
-            delay = exc.retry_after or 0.1
+    def _submit_retry(self, rec: JobRecord, exc: GenqError) -> list[Action]:
+        """Back to pending for a later try, as a new step generation (so a duplicate chain dies), or
+        the end. A throttled try (nothing was sent) is not counted."""
+        verdict = retry.after(
+            exc,
+            rec.submit_attempts,
+            limit=MAX_SUBMIT_ATTEMPTS,
+            backoff=self.settings.poll.error_backoff,
+            cap=60.0,
+            rng=self.rng,
+        )
+        if isinstance(verdict, retry.GiveUp):
+            return self._end(rec, JobState.FAILED, [JobState.SUBMITTING], f"submit {verdict.reason}")
         gen = rec.poll_gen + 1
-        held = self._held(delay)
+        held = self.settings.poll.held(verdict.delay)
         moved = self.ledger.transition(
             rec.id,
             [JobState.SUBMITTING],
             JobState.PENDING,
             error=str(exc),
-            submit_attempts=attempts,
+            submit_attempts=verdict.errors,
             poll_gen=gen,
-            due_at=self.clock() + delay,
+            due_at=self.clock() + verdict.delay,
             held=held,
         )
         if not moved.ok:
             return []
-        log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, delay)
-        return [] if held else [SubmitLater(rec.id, delay, gen)]
+        log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, verdict.delay)
+        return [] if held else [SubmitLater(rec.id, verdict.delay, gen)]
 
     def _unknown(self, rec: JobRecord, detail: str) -> list[Action]:
         return self._end(rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(detail))
@@ -211,17 +208,8 @@ class JobService:
             )
         try:
             upstream = self.api.get_job(rec.upstream_id)
-        except Throttled as exc:
-            # Nothing was sent and nothing counts; the wait is recorded like any other, so a long one
-            # is held in Redis and the sweeper does not re-drive the job meanwhile.
-            wait = clamp_to_deadline(exc.retry_after or 0.1, now, rec.deadline_at or now + 1.0)
-            return self._schedule_poll(rec, [rec.state], rec.state, wait) or []
-        except (TransientError, ProtocolError) as exc:
+        except GenqError as exc:
             return self._poll_error(rec, exc)
-        except PermanentError as exc:
-            return self._end(
-                rec, JobState.FAILED, POLLING_STATES, reason=f"status check: {exc}", expect_gen=gen
-            )
         if upstream.status.working:
             return self._poll_again(rec, upstream)
         if upstream.status.value == "failed":
@@ -254,31 +242,25 @@ class JobService:
         )
         return actions or []
 
-    def _poll_error(self, rec: JobRecord, exc: Exception) -> list[Action]:
-        errors = rec.errors_in_row + 1
-        limit = self.settings.poll.max_errors
-        if errors >= limit:
-            return self._end(
-                rec,
-                JobState.FAILED,
-                POLLING_STATES,
-                reason=f"status check failed {errors} times in a row: {exc}",
-                expect_gen=rec.poll_gen,
-            )
+    def _poll_error(self, rec: JobRecord, exc: GenqError) -> list[Action]:
+        poll = self.settings.poll
+        cap = self.policy(rec.kind).max_interval * 4
+        verdict = retry.after(
+            exc, rec.errors_in_row, limit=poll.max_errors, backoff=poll.error_backoff, cap=cap
+        )
+        if isinstance(verdict, retry.GiveUp):
+            reason = f"status check {verdict.reason}"
+            return self._end(rec, JobState.FAILED, POLLING_STATES, reason=reason, expect_gen=rec.poll_gen)
         now = self.clock()
-        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-        policy = self.policy(rec.kind)
-        delay = error_delay(
-            self.settings.poll.error_backoff, errors, retry_after, policy.max_interval * 4, self.rng
-        )
-        delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
-        log.warning(
-            "job %s: status check error %d/%d (%s); again in %.1fs", rec.id, errors, limit, exc, delay
-        )
-        return (
-            self._schedule_poll(rec, [rec.state], rec.state, delay, errors_in_row=errors, error=str(exc))
-            or []
-        )
+        # Never past the deadline: the check at the deadline is the one that times the job out.
+        delay = clamp_to_deadline(verdict.delay, now, rec.deadline_at or now + verdict.delay)
+        fields: dict[str, Any] = {}
+        if verdict.counted:
+            fields = {"errors_in_row": verdict.errors, "error": str(exc)}
+            log.warning(
+                "job %s: status check error %d (%s); again in %.1fs", rec.id, verdict.errors, exc, delay
+            )
+        return self._schedule_poll(rec, [rec.state], rec.state, delay, **fields) or []
 
     def _schedule_poll(
         self,
@@ -298,7 +280,7 @@ class JobService:
         Returns None when the record had moved on (nothing scheduled).
         """
         gen = rec.poll_gen + 1
-        held = self._held(delay)
+        held = self.settings.poll.held(delay)
         moved = self.ledger.transition(
             rec.id,
             allowed,
@@ -404,12 +386,18 @@ class JobService:
         return [Finalize(job_id)] if remaining == 0 else []
 
     def _download_retry(self, rec: JobRecord, index: int, tries: int, exc: TransientError) -> list[Action]:
-        if tries >= self.settings.download.max_attempts:
-            reason = f"output {index}: failed {max(tries, 1)} times: {exc}"
-            return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], reason)
-        delay = error_delay(self.settings.poll.error_backoff, max(tries, 1), exc.retry_after, 60.0, self.rng)
-        log.warning("job %s output %d: %s; again in %.1fs", rec.id, index, exc, delay)
-        return [Download(rec.id, index, tries, delay)]
+        verdict = retry.after(
+            exc,
+            max(tries, 1) - 1,  # the tries before this one
+            limit=self.settings.download.max_attempts,
+            backoff=self.settings.poll.error_backoff,
+            cap=60.0,
+            rng=self.rng,
+        )
+        if isinstance(verdict, retry.GiveUp):
+            return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index} {verdict.reason}")
+        log.warning("job %s output %d: %s; again in %.1fs", rec.id, index, exc, verdict.delay)
+        return [Download(rec.id, index, tries, verdict.delay)]
 
     def finalize(self, job_id: str) -> list[Action]:
         rec = self.ledger.get(job_id)
@@ -430,11 +418,6 @@ class JobService:
         return self._ended(rec, JobState.SUCCEEDED, None)
 
     # ------------------------------------------------------------------ helpers
-
-    def _held(self, delay: float) -> bool:
-        """A wait longer than ``poll.countdown_max`` is held in Redis (the sweeper sends its message at
-        the due time) rather than as a countdown a worker holds in memory and the broker may redeliver."""
-        return delay > self.settings.poll.countdown_max
 
     def policy(self, kind: JobKind) -> PollPolicy:
         poll = self.settings.poll

@@ -299,6 +299,11 @@ class PollSettings(_Group):
     max_errors: int = Field(8, ge=1)
     """Consecutive transient errors on one job before it ends ``failed``."""
 
+    def held(self, wait: float) -> bool:
+        """Whether a wait of ``wait`` seconds is held in Redis (its message sent by the sweeper when
+        due) rather than sent now as a countdown a worker keeps in memory (see ``countdown_max``)."""
+        return wait > self.countdown_max
+
 
 class DownloadSettings(OutboundRules):
     """Downloads of job outputs. Output URLs are untrusted input."""

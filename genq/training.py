@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from genq import retry
 from genq.actions import Action, PollModelLater, TrainLater
 from genq.api import UpstreamClient
-from genq.errors import PermanentError, ProtocolError, Throttled, TransientError, UpstreamUnavailable
+from genq.errors import GenqError, ProtocolError, UpstreamUnavailable
 from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import ModelRecord, ModelState
-from genq.polling import clamp_to_deadline, error_delay, poll_delay
+from genq.polling import clamp_to_deadline, poll_delay
 from genq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,14 @@ class TrainingService:
         rec = rec.model_copy(update={"poll_gen": gen + 1, "call_started_at": now})
         try:
             answer = self.api.train_model(model_id)
-        except Throttled as exc:
-            return self._train_later(rec, exc, counted=False)
         except UpstreamUnavailable as exc:
             if exc.ambiguous:
                 return self._check_from(rec, f"train call outcome unknown ({exc}); checking", calls=1)
             return self._train_later(rec, exc)
-        except TransientError as exc:
-            return self._train_later(rec, exc)
         except ProtocolError as exc:
             return self._check_from(rec, f"train call answered oddly ({exc}); checking", calls=1)
-        except PermanentError as exc:
-            return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED], f"train call refused: {exc}")
+        except GenqError as exc:
+            return self._train_later(rec, exc)
         log.info("model %s: training started", model_id)
         return self._check_from(rec, f"train call accepted: {answer[:80]}", calls=1)
 
@@ -98,18 +95,15 @@ class TrainingService:
             error=None,
         )
 
-    def _train_later(self, rec: ModelRecord, exc: TransientError, counted: bool = True) -> list[Action]:
-        """Nothing reached the upstream: release the claim and call again later (a new generation)."""
-        errors = rec.errors_in_row + 1 if counted else rec.errors_in_row
-        if errors >= self.settings.poll.max_errors:
-            reason = f"train call failed {errors} times: {exc}"
+    def _train_later(self, rec: ModelRecord, exc: GenqError) -> list[Action]:
+        """Nothing reached the upstream: release the claim and call again later (a new generation),
+        or give up."""
+        verdict = self._after(exc, rec, cap=300.0)
+        if isinstance(verdict, retry.GiveUp):
+            reason = f"train call {verdict.reason}"
             return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED], reason)
-        if counted:
-            delay = error_delay(self.settings.poll.error_backoff, errors, exc.retry_after, 300.0, self.rng)
-        else:
-            delay = exc.retry_after or 0.1
         gen = rec.poll_gen + 1
-        held = delay > self.settings.poll.countdown_max
+        held = self.settings.poll.held(verdict.delay)
         moved, _ = self.models.transition(
             rec.id,
             [ModelState.REQUESTED],
@@ -118,12 +112,12 @@ class TrainingService:
             detail=str(exc),
             poll_gen=gen,
             call_started_at=None,
-            errors_in_row=errors,
+            errors_in_row=verdict.errors,
             error=str(exc),
-            due_at=self.clock() + delay,
+            due_at=self.clock() + verdict.delay,
             held=held,
         )
-        return [TrainLater(rec.id, delay, gen)] if moved.ok and not held else []
+        return [TrainLater(rec.id, verdict.delay, gen)] if moved.ok and not held else []
 
     def poll(self, model_id: str, gen: int) -> list[Action]:
         rec = self.models.get(model_id)
@@ -137,14 +131,8 @@ class TrainingService:
             )
         try:
             upstream = self.api.get_model(model_id)
-        except Throttled as exc:
-            # Recorded like any wait, so a long one is held in Redis, not a countdown per sweep.
-            wait = clamp_to_deadline(exc.retry_after or 0.1, now, rec.deadline_at or now + 1.0)
-            return self._schedule(rec, ModelState.TRAINING, wait, detail="check throttled")
-        except (TransientError, ProtocolError) as exc:
+        except GenqError as exc:
             return self._poll_error(rec, exc)
-        except PermanentError as exc:
-            return self._finish(rec, ModelState.FAILED, [ModelState.TRAINING], f"readiness check: {exc}")
         checks = rec.checks + 1
         if upstream.ready:
             return self._finish(
@@ -172,23 +160,28 @@ class TrainingService:
             return []
         return self._finish(rec, ModelState.FAILED, [ModelState.REQUESTED, ModelState.TRAINING], reason)
 
-    def _poll_error(self, rec: ModelRecord, exc: Exception) -> list[Action]:
-        errors = rec.errors_in_row + 1
-        if errors >= self.settings.poll.max_errors:
-            reason = f"readiness check failed {errors} times in a row: {exc}"
+    def _poll_error(self, rec: ModelRecord, exc: GenqError) -> list[Action]:
+        verdict = self._after(exc, rec, cap=self.settings.poll.model.max_interval)
+        if isinstance(verdict, retry.GiveUp):
+            reason = f"readiness check {verdict.reason}"
             return self._finish(rec, ModelState.FAILED, [ModelState.TRAINING], reason)
-        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-        policy = self.settings.poll.model
-        delay = error_delay(
-            self.settings.poll.error_backoff, errors, retry_after, policy.max_interval, self.rng
-        )
+        now = self.clock()
+        delay = clamp_to_deadline(verdict.delay, now, rec.deadline_at or now + verdict.delay)
+        if not verdict.counted:
+            return self._schedule(rec, ModelState.TRAINING, delay, detail="check throttled")
         return self._schedule(
             rec,
             ModelState.TRAINING,
             delay,
             detail=f"check error: {exc}",
-            errors_in_row=errors,
+            errors_in_row=verdict.errors,
             error=str(exc),
+        )
+
+    def _after(self, exc: GenqError, rec: ModelRecord, cap: float) -> retry.Again | retry.GiveUp:
+        poll = self.settings.poll
+        return retry.after(
+            exc, rec.errors_in_row, limit=poll.max_errors, backoff=poll.error_backoff, cap=cap, rng=self.rng
         )
 
     def _schedule(
@@ -197,7 +190,7 @@ class TrainingService:
         """Record the next readiness check under a new poll generation. A check minutes away (the
         default) is held in Redis and dispatched by the sweeper, not a countdown held by a worker."""
         gen = rec.poll_gen + 1
-        held = delay > self.settings.poll.countdown_max
+        held = self.settings.poll.held(delay)
         moved, _ = self.models.transition(
             rec.id,
             [current],

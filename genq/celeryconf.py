@@ -5,6 +5,7 @@ Task names and queues live here so that producers (which import no task code) an
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -15,16 +16,34 @@ from genq.settings import RedisSettings, Settings
 SUBMIT, POLL, DOWNLOAD, TRAINING = "submit", "poll", "download", "training"
 QUEUES = (SUBMIT, POLL, DOWNLOAD, TRAINING)
 
+
+class Task(StrEnum):
+    """Every genqueue task by its explicit name: the one spelling of each, for senders and workers."""
+
+    INTAKE = "genq.intake"  # a request by name, from producers in other languages
+    SUBMIT = "genq.submit"
+    POLL = "genq.poll"
+    DOWNLOAD = "genq.download"
+    FINALIZE = "genq.finalize"
+    TRAIN = "genq.train"
+    POLL_MODEL = "genq.poll_model"
+    CALLBACK = "genq.callback"
+    SWEEP = "genq.sweep"
+
+
+MODEL_TASKS = frozenset({Task.TRAIN, Task.POLL_MODEL})
+"""Tasks whose first argument is a model id (the others': a job id)."""
+
 TASK_QUEUES: dict[str, str] = {
-    "genq.submit": SUBMIT,
-    "genq.poll": POLL,
-    "genq.download": DOWNLOAD,
-    "genq.finalize": POLL,
-    "genq.intake": SUBMIT,
-    "genq.train": TRAINING,
-    "genq.poll_model": TRAINING,
-    "genq.sweep": POLL,
-    "genq.callback": DOWNLOAD,
+    Task.SUBMIT: SUBMIT,
+    Task.POLL: POLL,
+    Task.DOWNLOAD: DOWNLOAD,
+    Task.FINALIZE: POLL,
+    Task.INTAKE: SUBMIT,
+    Task.TRAIN: TRAINING,
+    Task.POLL_MODEL: TRAINING,
+    Task.SWEEP: POLL,
+    Task.CALLBACK: DOWNLOAD,
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""
 
@@ -113,11 +132,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": worker.task_time_limit,
         "task_soft_time_limit": max(1, worker.task_time_limit - 30),
         "task_annotations": {
-            "genq.submit": {"time_limit": api_call + 10, "soft_time_limit": api_call},
-            "genq.poll": {"time_limit": api_call + 10, "soft_time_limit": api_call},
-            "genq.finalize": {"time_limit": 60, "soft_time_limit": 50},
-            "genq.sweep": {"time_limit": 120, "soft_time_limit": 110},
-            "genq.callback": {
+            Task.SUBMIT: {"time_limit": api_call + 10, "soft_time_limit": api_call},
+            Task.POLL: {"time_limit": api_call + 10, "soft_time_limit": api_call},
+            Task.FINALIZE: {"time_limit": 60, "soft_time_limit": 50},
+            Task.SWEEP: {"time_limit": 120, "soft_time_limit": 110},
+            Task.CALLBACK: {
                 "time_limit": 2 * int(settings.callbacks.timeout) + 30,
                 "soft_time_limit": 2 * int(settings.callbacks.timeout) + 20,
             },
@@ -136,7 +155,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # older than SWEEP_EXPIRES is dropped, so a queue nobody consumes does not grow for ever.
         "beat_schedule": {
             "genq-sweep": {
-                "task": "genq.sweep",
+                "task": Task.SWEEP,
                 "schedule": worker.sweep_interval,
                 "options": {"queue": POLL, "expires": max(SWEEP_EXPIRES, worker.sweep_interval * 10)},
             }

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-MODEL_TASKS = frozenset({"genq.train", "genq.poll_model"})
+from genq.celeryconf import MODEL_TASKS
+
 """Tasks whose first argument is a model id; every other genqueue task but the sweep names a job."""
 
 LogFormat = Literal["text", "json"]

@@ -24,7 +24,7 @@ from celery import Celery
 
 from genq import intake
 from genq.callbacks import check_callback
-from genq.celeryconf import TASK_QUEUES, celery_config
+from genq.celeryconf import TASK_QUEUES, Task, celery_config
 from genq.errors import EnqueueError, GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
 from genq.metrics import sent_at_header
@@ -143,7 +143,7 @@ class Producer:
     def _send(self, job_id: str, gen: int = 0) -> None:
         try:
             self.celery.send_task(
-                "genq.submit", args=[job_id, gen], queue=TASK_QUEUES["genq.submit"], headers=sent_at_header()
+                Task.SUBMIT, args=[job_id, gen], queue=TASK_QUEUES[Task.SUBMIT], headers=sent_at_header()
             )
         except Exception as exc:  # kombu raises several unrelated types for a dead broker
             # The job is recorded and due: the sweeper sends it once the broker is back. Failing it
@@ -173,7 +173,7 @@ class Producer:
         gen = self.models.request(model_id, deadline=self.settings.poll.model.deadline, force=force)
         if gen:
             self.celery.send_task(
-                "genq.train", args=[model_id, gen], queue=TASK_QUEUES["genq.train"], headers=sent_at_header()
+                Task.TRAIN, args=[model_id, gen], queue=TASK_QUEUES[Task.TRAIN], headers=sent_at_header()
             )
         return self.model_status(model_id)
 
@@ -265,7 +265,7 @@ class Producer:
         top = record.parent_id or job_id
         if cancelled and self.status(top).callback_state == "pending":
             # Report it now rather than at the next sweep.
-            self.celery.send_task("genq.callback", args=[top], queue=TASK_QUEUES["genq.callback"])
+            self.celery.send_task(Task.CALLBACK, args=[top], queue=TASK_QUEUES[Task.CALLBACK])
         return cancelled
 
 

@@ -13,6 +13,7 @@ from genq import keys, metrics
 from genq.actions import Action
 from genq.api import UpstreamClient
 from genq.callbacks import CallbackService, callback_policy
+from genq.celeryconf import MODEL_TASKS
 from genq.clock import Clock
 from genq.jobs import JobService, net_policy
 from genq.limits import Limits, UpstreamLimiter
@@ -168,7 +169,7 @@ class Services:
     def poison(self, task_name: str, subject: str, deliveries: int) -> list[Action]:
         """End the job (or model training) a poison message is about, with the reason."""
         reason = f"{task_name} was delivered {deliveries} times without finishing (it may crash its worker)"
-        if task_name in ("genq.train", "genq.poll_model"):
+        if task_name in MODEL_TASKS:
             return self.training.abandon(subject, reason)
         return self.jobs.abandon(subject, reason)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import tornado.web
 
+from genq.celeryconf import MODEL_TASKS, Task
 from genq.errors import GenqError
 from genq.services import ledger_for, redis_client
 from genq.settings import Settings
@@ -34,10 +35,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 _NOT_LOOPBACK = r"^(?!(?:127\.0\.0\.1|localhost|::1|\[::1\])$).*$"
 TASK_COLUMNS = "name,uuid,state,args,received,started,runtime,worker"
 """The Tasks page's columns: Flower's defaults plus ``args`` (job id and kind) and ``started``."""
-_PARAMS = {
-    "genq.poll": ("gen",),
-    "genq.download": ("index", "attempt"),
-    "genq.poll_model": ("gen",),
+_PARAMS: dict[str, tuple[str, ...]] = {
+    Task.SUBMIT: ("gen",),
+    Task.POLL: ("gen",),
+    Task.DOWNLOAD: ("index", "attempt"),
+    Task.TRAIN: ("gen",),
+    Task.POLL_MODEL: ("gen",),
 }
 """Names of a task's arguments after its subject (job or model id)."""
 
@@ -58,10 +61,10 @@ def describe(task: str, argsrepr: str, kind_of: Callable[[str], str | None]) -> 
         args = ast.literal_eval(argsrepr) if argsrepr else ()
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         # Never show what cannot be read as plain ids: a truncated intake payload, say.
-        return "(not shown)" if task == "genq.intake" else None
+        return "(not shown)" if task == Task.INTAKE else None
     if not isinstance(args, (list, tuple)):
         return None
-    if task == "genq.intake":
+    if task == Task.INTAKE:
         from genq.intake import job_id_for
 
         request = args[0] if args and isinstance(args[0], dict) else {}
@@ -71,10 +74,7 @@ def describe(task: str, argsrepr: str, kind_of: Callable[[str], str | None]) -> 
     if not args:
         return ""
     subject = str(args[0])
-    if task in ("genq.train", "genq.poll_model"):
-        head = f"model={subject}"
-    else:
-        head = f"{kind_of(subject) or '?'} job={subject}"
+    head = f"model={subject}" if task in MODEL_TASKS else f"{kind_of(subject) or '?'} job={subject}"
     names = _PARAMS.get(task, ())
     rest = [f"{names[i]}={v}" if i < len(names) else repr(v) for i, v in enumerate(args[1:])]
     return " ".join([head, *rest])

@@ -17,47 +17,48 @@ from genq.actions import (
     SubmitLater,
     TrainLater,
 )
+from genq.celeryconf import Task
 from genq.worker.celery_app import app
 from genq.worker.runtime import services
 
 
-@app.task(name="genq.intake")
+@app.task(name=Task.INTAKE)
 def intake(request: dict[str, Any], request_id: str) -> None:
     ready = intake_service.intake(services().ledger, request, request_id, services().settings)
     dispatch(SubmitLater(job_id, 0.0) for job_id in ready)
 
 
-@app.task(name="genq.submit")
+@app.task(name=Task.SUBMIT)
 def submit(job_id: str, gen: int = 0) -> None:
     dispatch(services().jobs.submit(job_id, gen))
 
 
-@app.task(name="genq.poll")
+@app.task(name=Task.POLL)
 def poll(job_id: str, gen: int) -> None:
     dispatch(services().jobs.poll(job_id, gen))
 
 
-@app.task(name="genq.download")
+@app.task(name=Task.DOWNLOAD)
 def download(job_id: str, index: int, attempt: int = 0) -> None:
     dispatch(services().jobs.download(job_id, index, attempt))
 
 
-@app.task(name="genq.finalize")
+@app.task(name=Task.FINALIZE)
 def finalize(job_id: str) -> None:
     dispatch(services().jobs.finalize(job_id))
 
 
-@app.task(name="genq.train")
+@app.task(name=Task.TRAIN)
 def train(model_id: str, gen: int = 0) -> None:
     dispatch(services().training.train(model_id, gen))
 
 
-@app.task(name="genq.poll_model")
+@app.task(name=Task.POLL_MODEL)
 def poll_model(model_id: str, gen: int) -> None:
     dispatch(services().training.poll(model_id, gen))
 
 
-@app.task(name="genq.callback")
+@app.task(name=Task.CALLBACK)
 def callback(job_id: str) -> None:
     dispatch(services().callbacks.deliver(job_id, send_by_name))
 
@@ -67,7 +68,7 @@ def send_by_name(name: str, args: list[Any], queue: str) -> None:
     app.send_task(name, args=args, queue=queue)
 
 
-@app.task(name="genq.sweep")
+@app.task(name=Task.SWEEP)
 def sweep() -> None:
     actions, _ = services().sweeper.sweep(min_gap=services().settings.worker.sweep_interval / 2)
     dispatch(actions)

@@ -367,6 +367,8 @@ class JobService:
             return []  # a duplicate delivery is already downloading this file
         except OSError as exc:
             # Our own disk (no space, read-only, permissions, too many open files): maybe passing.
+            if tries == 0:  # before the file was ours (its folder, its temp file): a try all the same
+                tries = self.ledger.count_try(job_id, f"try:{index}")
             return self._download_retry(rec, index, tries, TransientError(f"local I/O error: {exc}"))
         except TransientError as exc:
             return self._download_retry(rec, index, tries, exc)

@@ -420,7 +420,9 @@ def test_upstream_5xx_without_end_fails_with_the_reason_after_bounded_tries(stac
 
     assert poll_rec.state is JobState.FAILED and submit_rec.state is JobState.FAILED
     assert re.search(r"status check failed 3 times in a row: GET /jobs/\S+: 50[023] ", poll_rec.error or "")
-    assert re.search(r"submit failed 5 times in a row: POST /images/generation: 50[03] ", submit_rec.error or "")
+    assert re.search(
+        r"submit failed 5 times in a row: POST /images/generation: 50[03] ", submit_rec.error or ""
+    )
     assert gets_failed == 3  # GENQ_POLL_MAX_ERRORS
     assert stats["requests"].get(POST) == 1 + 5  # the polled job's one POST, the other's five tries
     assert failed_gaps[1] > failed_gaps[0]  # backoff between the failing checks

@@ -331,11 +331,6 @@ def test_hole02_local_io_error_on_the_file_ends_the_job_failed_within_max_attemp
     assert 1 <= len(tries) <= rig.settings.download.max_attempts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HEAD counts a try only once the .part file is locked: an OSError from mkdir/open (download "
-    "dir unusable, EMFILE) is retried for ever with tries=0",
-)
 def test_hole02b_unusable_download_dir_ends_the_job_failed_within_max_attempts(
     rig: Rig, upstream: responses.RequestsMock, tmp_path: Path
 ) -> None:

@@ -48,9 +48,15 @@ class TrainingService:
         rec = self.models.get(model_id)
         if rec is None or rec.state is not ModelState.REQUESTED or rec.poll_gen != gen:
             return []  # a duplicate or stale delivery, or training already under way
-        if rec.call_started_at is not None:
-            return self._check_from(rec, "train call began but its answer was never recorded; checking")
         now = self.clock()
+        if rec.deadline_at is not None and now >= rec.deadline_at:
+            # Held back (throttled, 429s) until it could no longer be ready in time: not worth paying.
+            limit = self.settings.poll.model.deadline
+            reason = f"not trained within {limit:.0f}s: the train call was held back that long"
+            return self._finish(rec, ModelState.TIMED_OUT, [ModelState.REQUESTED], reason)
+        if rec.call_started_at is not None:
+            reason = "train call began but its answer was never recorded; checking"
+            return self._check_from(rec, reason, calls=1)
         claimed, _ = self.models.transition(
             model_id,
             [ModelState.REQUESTED],

@@ -477,11 +477,6 @@ def test_a_404_on_a_readiness_check_fails_the_model_at_once(
     assert steps.job("j1").state is JobState.FAILED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TrainingService.train never checks the model's deadline (set at request): a train call "
-    "held back past it is still made and paid for, and the model times out at its first check",
-)
 def test_no_train_call_is_made_once_the_deadline_has_passed(
     steps: Steps, upstream: responses.RequestsMock
 ) -> None:

@@ -214,7 +214,7 @@ def test_tasks_show_their_name_job_id_and_kind_and_never_a_payload(
         ),
     )
     shown = {(r["name"], r["args"]) for r in rows}
-    assert ("genq.submit", f"image job={job.id}") in shown
+    assert ("genq.submit", f"image job={job.id} gen=0") in shown
     assert ("genq.finalize", f"image job={job.id}") in shown
     assert ("genq.download", f"image job={job.id} index=0 attempt=0") in shown
     assert any(n == "genq.poll" and a.startswith(f"image job={job.id} gen=") for n, a in shown)  # type: ignore[union-attr]
@@ -260,7 +260,8 @@ def test_browser_logs_in_and_sees_the_batch_on_the_tasks_page(
     stack.worker(concurrency=2)
     stack.beat()
     producer = stack.producer()
-    ids = [producer.submit_image(f"a lantern #{i}").id for i in range(8)]
+    # Long enough upstream jobs that the batch is still in flight when a slow Chromium shows the page.
+    ids = [producer.submit_image(f"a lantern #{i} [sim:duration=5]").id for i in range(8)]
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium[0]

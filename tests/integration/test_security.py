@@ -299,36 +299,6 @@ def test_redis_with_a_password(simulator: object, tmp_path: Path) -> None:
             stack.close()
 
 
-def test_redis_over_tls(simulator: object, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip("openssl could not make a test certificate")
-    from genq.embedded import free_port
-
-    tls_port = free_port()
-    tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")  # fmt: skip
-    try:
-        server = EmbeddedRedis(data_dir=tmp_path / "r", extra_args=tls).start()
-    except RuntimeError as exc:
-        pytest.skip(f"this redis-server has no TLS: {exc}")
-    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
-    assert redis.Redis.from_url(url).ping()
-    stack = Stack(server, simulator, tmp_path, _env(url, simulator, tmp_path))  # type: ignore[arg-type]
-    try:
-        stack.worker()
-        record = stack.producer().submit_image("over TLS").wait(timeout=30)
-        assert record.state is JobState.SUCCEEDED
-    finally:
-        stack.close()
-        server.close()
-
-
 def _env(url: str, sim: object, tmp_path: Path) -> dict[str, str]:
     from tests.helpers import FAST_POLL
 

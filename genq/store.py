@@ -44,19 +44,27 @@ if ARGV[9] == '1' and parent ~= '' then
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[4])
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[7] ~= '' and (redis.call('HGET', KEYS[1], 'callback') or '') ~= ''
-   and (redis.call('HGET', KEYS[1], 'callback_state') or '') == '' then
-  -- Recorded in the same step as the ending, so a crash right after cannot lose the callback.
-  redis.call('HSET', KEYS[1], 'callback_state', 'pending')
-  redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
+local callback_due = false
+if ARGV[7] ~= '' and (redis.call('HGET', KEYS[1], 'callback') or '') ~= '' then
+  local cs = redis.call('HGET', KEYS[1], 'callback_state') or ''
+  if cs == '' then
+    -- Recorded in the same step as the ending, so a crash right after cannot lose the callback.
+    redis.call('HSET', KEYS[1], 'callback_state', 'pending')
+    redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
+    cs = 'pending'
+  end
+  callback_due = cs == 'pending'
 end
 if ARGV[6] == '-' then redis.call('ZREM', KEYS[3], ARGV[1])
 elseif ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
-if ARGV[7] ~= '' then
+if ARGV[7] ~= '' and not callback_due then
+  -- A record whose callback is still due starts its TTL once the callback is settled (callback_attempted).
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('EXPIRE', KEYS[1] .. ':urls', ARGV[7])
   -- So the listing index can drop the id when the record expires (see TRIM).
   redis.call('ZADD', KEYS[6], tonumber(ARGV[4]) + tonumber(ARGV[7]), ARGV[1])
+elseif ARGV[7] ~= '' then
+  redis.call('DEL', KEYS[1] .. ':urls')
 elseif terminal[cur] then
   -- Brought back from an ending (resubmit): the record lives again until its next ending.
   redis.call('PERSIST', KEYS[1])
@@ -88,8 +96,11 @@ _CREATE = """
 if KEYS[6] ~= '' then
   local existing = redis.call('GET', KEYS[6])
   if existing then return {0, existing, ''} end
-  redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6])
 end
+-- A record is never written over: a by-name request resent after its idempotency key expired derives
+-- the same job id, and must find its job, not start it again.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ARGV[1], ''} end
+if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'EX', ARGV[6]) end
 local state = 'pending'
 if KEYS[7] ~= '' then
   -- Checked in the same script that parks, so a model turning ready cannot strand a job.
@@ -450,6 +461,10 @@ class Ledger:
             pipe.zrem(keys.CALLBACKS_DUE, job_id)
         else:
             pipe.zadd(keys.CALLBACKS_DUE, {job_id: retry_at})
+        if state in ("delivered", "failed"):
+            # Settled: the ended record's TTL starts now (it was kept while its callback was due).
+            pipe.expire(keys.job(job_id), self.job_ttl)
+            pipe.zadd(keys.EXPIRING, {job_id: self.clock() + self.job_ttl})
         pipe.execute()
 
     def drop_callback_due(self, job_id: str) -> None:

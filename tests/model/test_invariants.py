@@ -1,14 +1,23 @@
-"""The model-based test of issue #11 (see ``tests/model/machine.py`` for the model and its invariants).
+"""The model-based test of issue #11 (see ``tests/model/machine.py`` for the model and its invariants,
+``tests/model/FINDINGS.md`` for what it found at HEAD d11bef6).
 
-Default size (``pytest tests/model``): about a minute at most. The large run is marked slow::
+Default size (``pytest tests/model``): 120 examples of up to 40 steps, about 20-30 s when it passes
+(shrinking a failure is capped at 30 s). The large run is marked slow (3000 examples of up to 80
+steps by default; shrinking up to 5 minutes)::
 
-    GENQ_MODEL_EXAMPLES=2000 pytest tests/model -m slow -s
+    .venv/bin/pytest tests/model -m slow -s
+    GENQ_MODEL_EXAMPLES=10000 GENQ_MODEL_STEPS=100 .venv/bin/pytest tests/model -m slow -s
 
-Replay: every run prints ``GENQ_MODEL_SEED=<n>``; set it to run the same examples again. A failure
-prints the shrunk step sequence (hypothesis' ``state.…`` lines and the model's own trace with fake
-times) and a ``@reproduce_failure`` blob. The same test runs against any checkout: point
-``PYTHONPATH`` (or the working directory) at it, e.g. ``cd /work/main && pytest /work/wt-model/tests/model``
-after copying ``tests/model`` there.
+Every run prints ``[model] GENQ_MODEL_SEED=<n>: … examples, … steps …``; set ``GENQ_MODEL_SEED`` to run
+the same examples again (the example database is then not used). A failure prints the shrunk step
+sequence twice: hypothesis' ``state.<rule>(…)`` program and the model's own trace with fake times and
+the messages each step produced; and a ``@reproduce_failure('<version>', b'<blob>')`` line: pass the blob
+as ``GENQ_MODEL_REPRODUCE=<blob>`` to replay exactly that example. ``GENQ_MODEL_SKIP`` /
+``GENQ_MODEL_OFF`` (see machine.py) look past a known failure.
+
+Against another checkout (the branch lives in the same repository)::
+
+    cd /work/main && git checkout model-test -- tests/model && .venv/bin/pytest tests/model
 """
 
 from __future__ import annotations

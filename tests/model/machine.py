@@ -158,8 +158,9 @@ class GenqMachine(RuleBasedStateMachine):
         STATS.examples += 1
         self.settings = w.settings
         # The fake clock starts at the real time: the one place that reads time.time() itself
-        # (intake.resubmit's due time) then agrees with it, whatever the run has taken so far.
-        w.start = float(time.time())
+        # (intake.resubmit's due time) then agrees with it, whatever the run has taken so far. A whole
+        # second, so float sums of start + delays round the same in every example (replays agree).
+        w.start = float(int(time.time()))
         self.clock = FakeClock(w.start)
         client = redis.Redis.from_url(w.settings.redis.url)
         self.redis = client

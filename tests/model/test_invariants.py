@@ -8,11 +8,14 @@ steps by default; shrinking up to 5 minutes)::
     .venv/bin/pytest tests/model -m slow -s
     GENQ_MODEL_EXAMPLES=10000 GENQ_MODEL_STEPS=100 .venv/bin/pytest tests/model -m slow -s
 
-Every run prints ``[model] GENQ_MODEL_SEED=<n>: … examples, … steps …``; set ``GENQ_MODEL_SEED`` to run
-the same examples again (the example database is then not used). A failure prints the shrunk step
-sequence twice: hypothesis' ``state.<rule>(…)`` program and the model's own trace with fake times and
-the messages each step produced; and a ``@reproduce_failure('<version>', b'<blob>')`` line: pass the blob
-as ``GENQ_MODEL_REPRODUCE=<blob>`` to replay exactly that example. ``GENQ_MODEL_SKIP`` /
+Every run prints ``[model] GENQ_MODEL_SEED=<n>: … examples, … steps …``; set ``GENQ_MODEL_SEED`` to
+generate the same examples again (the example database is then not used; a passing run repeats
+exactly, but shrinking is capped by wall-clock time, so a failure may shrink a little differently).
+
+A failure prints the shrunk step sequence twice: hypothesis' ``state.<rule>(…)`` program, and the
+model's own trace with fake times and the messages each step produced. It also prints a
+``@reproduce_failure('<version>', b'<blob>')`` line: pass the blob as ``GENQ_MODEL_REPRODUCE=<blob>``
+(with the same GENQ_MODEL_SKIP/OFF) to replay exactly that example. ``GENQ_MODEL_SKIP`` and
 ``GENQ_MODEL_OFF`` (see machine.py) look past a known failure.
 
 Against another checkout (the branch lives in the same repository)::

@@ -1,0 +1,143 @@
+"""The counterexamples of ``tests/model/FINDINGS.md`` as fixed step sequences through the same machine,
+so each one can be replayed (and kept as a regression test) without hypothesis. Each fails at HEAD
+d11bef6 with the named invariant and passes once its root cause is fixed."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.model.machine import UUIDS, GenqMachine, InvariantBroken, World
+from tests.model.test_invariants import world  # noqa: F401  (the module's redis-server fixture)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def m(world: World) -> Iterator[GenqMachine]:  # noqa: F811
+    GenqMachine.world = world
+    real_uuid4 = uuid.uuid4
+    uuid.uuid4 = UUIDS  # type: ignore[assignment]
+    quiet = logging.getLogger("genq")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield GenqMachine()
+    finally:
+        uuid.uuid4 = real_uuid4
+        quiet.setLevel(level)
+
+
+def first(m: GenqMachine, kind: str) -> int:
+    """Index (the rules' ``pick``) of the first pending message of this action type."""
+    for i, msg in enumerate(m.msgs):
+        if type(msg.action).__name__ == kind:
+            return i
+    raise AssertionError(f"no {kind} pending: {[msg.action for msg in m.msgs]}")
+
+
+def check(m: GenqMachine) -> None:
+    m.step_invariants()
+
+
+def finish(m: GenqMachine) -> None:
+    m.step_invariants()
+    m.teardown()
+
+
+def test_f1_jobs_index_is_trimmed(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, False, None)
+    m.cancel(0)
+    m.tick(4000.0)
+    check(m)
+
+
+def test_f2_ambiguous_train_call_is_not_repeated(m: GenqMachine) -> None:
+    m.train("m1", False)
+    m.deliver(first(m, "TrainLater"), "timeout", 1.0, "success", 200.0)
+    check(m)
+    m.deliver(first(m, "TrainLater"), "ok", 1.0, "success", 200.0)
+    check(m)
+
+
+def test_f3_racing_train_deliveries_call_once(m: GenqMachine) -> None:
+    m.train("m1", False)
+    m.tick(6.0)
+    m.sweep()
+    m.race(0, 0, "message", "ok")
+    check(m)
+
+
+def test_f4_throttled_training_does_not_multiply_chains(m: GenqMachine) -> None:
+    m.train("m1", False)
+    for _ in range(12):
+        for _ in range(len(m.msgs)):
+            m.deliver(0, "throttled", 1.0, "success", 200.0)
+        check(m)
+        m.tick(4.0)
+        m.sweep()
+        check(m)
+
+
+def test_f5_sweeps_do_not_pile_up_submit_chains(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, False, None)
+    for _ in range(3):
+        m.tick(6.0)
+        m.sweep()
+        check(m)
+
+
+def test_f6_callback_outlives_the_record_ttl(m: GenqMachine) -> None:
+    m.skip.add("I7")  # F1 would fail first
+    m.submit("image", 1, False, True, False, None)
+    m.cancel(0)
+    m.tick(4000.0)
+    finish(m)
+
+
+def test_f7_resent_intake_request_does_not_resurrect_a_job(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, True, None)
+    m.tick(4000.0)
+    m.skip.add("I7")  # F1 would fail first
+    m.cancel(0)
+    check(m)
+    m.resend(0)
+    check(m)
+
+
+def test_f8_resubmit_reports_the_final_state(m: GenqMachine) -> None:
+    m.submit("image", 1, False, True, False, None)
+    m.crash(first(m, "SubmitLater"), 99, False, "timeout")
+    check(m)
+    m.resubmit(0)
+    m.lose(first(m, "SubmitLater"))
+    finish(m)
+
+
+def test_f9_workflow_ends_after_a_lost_step_hook(m: GenqMachine) -> None:
+    m.submit("workflow", 1, False, True, False, None)
+    m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)
+    m.deliver(first(m, "PollLater"), "ok", 1.0, "success", 3.0)
+    m.deliver(first(m, "PollLater"), "ok", 1.0, "success", 3.0)
+    m.deliver(first(m, "Download"), "ok", 1.0, "success", 3.0)
+    m.crash(first(m, "Finalize"), 2, False, "ok")
+    finish(m)
+
+
+def test_f10_known_upstream_job_is_never_posted_again(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, False, None)
+    m.race(0, 0, "slow", "ok")
+    check(m)
+    if m.records["image1"].state.value == "submit_unknown":
+        m.resubmit(0)
+        m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)
+    finish(m)
+
+
+def test_findings_raise_the_invariant_error(m: GenqMachine) -> None:
+    """The machine's failures are ``InvariantBroken`` (an AssertionError naming the invariant)."""
+    with pytest.raises(InvariantBroken, match="I7"):
+        m.fail("I7 indexes", "example")

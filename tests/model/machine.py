@@ -45,7 +45,6 @@ import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from config.settings import Settings
 from genq import intake, keys
 from genq.actions import (
     Action,
@@ -61,6 +60,7 @@ from genq.callbacks import CallbackService, check_callback
 from genq.jobs import JobService
 from genq.model_store import ModelLedger
 from genq.models import POLLING_STATES, JobRecord, JobState, ModelRecord, ModelState
+from genq.settings import Settings
 from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
@@ -200,6 +200,7 @@ class GenqMachine(RuleBasedStateMachine):
         # what the model knows
         self.known: dict[str, JobRecord] = {}  # last record seen of every job ever listed
         self.expired: set[str] = set()
+        self.swept_expired: set[str] = set()  # expired before a sweep that has run since
         self.with_callback: set[str] = set()
         self.epoch: Counter[str] = Counter()  # submit epoch per job (bumped by resubmit)
         self.injected: Counter[str] = Counter()  # duplicates/requeues the model injected per subject
@@ -233,18 +234,18 @@ class GenqMachine(RuleBasedStateMachine):
     def _run(self, action: Action) -> list[Action]:
         """What the task layer (``tasks/jobs.py``) runs for a message."""
         match action:
-            case SubmitLater(job_id, _):
+            case SubmitLater(job_id, _, gen):
                 self.upstream.current_job = job_id
                 self.upstream.current_epoch = self.epoch[job_id]
-                return self.jobs.submit(job_id)
+                return self.jobs.submit(job_id, gen)
             case PollLater(job_id, gen, _):
                 return self.jobs.poll(job_id, gen)
             case Download(job_id, index, attempt, _):
                 return self.jobs.download(job_id, index, attempt)
             case Finalize(job_id):
                 return self.jobs.finalize(job_id)
-            case TrainLater(model_id, _):
-                return self.training.train(model_id)
+            case TrainLater(model_id, _, gen):
+                return self.training.train(model_id, gen)
             case PollModelLater(model_id, gen, _):
                 return self.training.poll(model_id, gen)
             case Notify(job_id, _):
@@ -400,10 +401,11 @@ class GenqMachine(RuleBasedStateMachine):
         """A producer asks for a model (``Producer.train_model``): one train task if this call won."""
 
         def go() -> None:
-            if self.training.request(model, force=force):
+            gen = self.training.request(model, force=force)
+            if gen:
                 self.upstream.model_epochs[model] = self.upstream.model_epochs.get(model, 0) + 1
                 self._log(f"    request won: epoch {self.upstream.model_epochs[model]}")
-                self._enqueue([TrainLater(model, 0.0)])
+                self._enqueue([TrainLater(model, 0.0, gen)])
 
         self._step(f"train {model} force={force}", go)
 
@@ -437,7 +439,8 @@ class GenqMachine(RuleBasedStateMachine):
 
         def go() -> None:
             rec = self.ledger.get(job_id)
-            if intake.resubmit(self.ledger, job_id):
+            gen = intake.resubmit(self.ledger, job_id)
+            if gen is not None:
                 # A new epoch only when the ledger did not know of an upstream job: resubmitting a
                 # job whose upstream id is recorded is not an operator's informed choice.
                 if rec is not None and rec.upstream_id:
@@ -445,7 +448,7 @@ class GenqMachine(RuleBasedStateMachine):
                 else:
                     self.epoch[job_id] += 1
                 self.terminal_seen.pop(job_id, None)
-                self._enqueue([SubmitLater(job_id, 0.0)])
+                self._enqueue([SubmitLater(job_id, 0.0, gen)])
 
         self._step(f"resubmit {job_id}", go)
 
@@ -589,6 +592,7 @@ class GenqMachine(RuleBasedStateMachine):
         def go() -> None:
             actions, _ = self.sweeper.sweep()
             self._enqueue(actions)
+            self.swept_expired |= self.expired  # each sweep trims what had expired by then
 
         self._step("sweep", go)
 
@@ -749,14 +753,18 @@ def _live(m: GenqMachine, msg: Msg) -> str | None:
         if rec is None:
             return None
         if isinstance(a, SubmitLater):
-            return a.job_id if rec.state in (JobState.PENDING, JobState.SUBMITTING) else None
+            # A submit of an older step generation finds itself stale (a pending job's chain).
+            live = rec.state is JobState.SUBMITTING or (
+                rec.state is JobState.PENDING and rec.poll_gen == a.gen
+            )
+            return a.job_id if live else None
         return a.job_id if rec.state in POLLING_STATES and rec.poll_gen == a.gen else None
     if isinstance(a, TrainLater | PollModelLater):
         mrec = m.model_records.get(a.model_id)
         if mrec is None:
             return None
         if isinstance(a, TrainLater):
-            return a.model_id if mrec.state is ModelState.REQUESTED else None
+            return a.model_id if mrec.state is ModelState.REQUESTED and mrec.poll_gen == a.gen else None
         return a.model_id if mrec.state is ModelState.TRAINING and mrec.poll_gen == a.gen else None
     return None
 
@@ -804,8 +812,9 @@ def check_i6_whole_files(m: GenqMachine) -> None:
 
 
 def check_i7_keys_and_indexes(m: GenqMachine) -> None:
-    """I7: each job has at most 2 keys (its record and its URLs), and no index (``genq:jobs``,
-    ``genq:due``, ``genq:callbacks:due``) holds the id of a job whose record is gone (expired)."""
+    """I7: each job has at most 2 keys (its record and its URLs), and once a sweep has run after a
+    record expired, no index (``genq:jobs``, ``genq:due``, ``genq:callbacks:due``) holds its id: the
+    sweeper trims them, so every index stays bounded by the records alive."""
     per_job = Counter()
     for raw in m.redis.keys(f"{keys.JOB_PREFIX}*"):
         per_job[raw.decode()[len(keys.JOB_PREFIX) :].split(":", 1)[0]] += 1
@@ -817,7 +826,9 @@ def check_i7_keys_and_indexes(m: GenqMachine) -> None:
         pipe = m.redis.pipeline()
         for job_id in ids:
             pipe.exists(keys.job(job_id))
-        dangling = [j for j, there in zip(ids, pipe.execute(), strict=True) if not there]
+        dangling = [
+            j for j, there in zip(ids, pipe.execute(), strict=True) if not there and j in m.swept_expired
+        ]
         if dangling:
             m.fail("I7 indexes", f"{index} holds {dangling} whose records have expired")
 

@@ -40,8 +40,8 @@ from hypothesis import HealthCheck, Phase, reproduce_failure, seed
 from hypothesis import settings as hsettings
 from hypothesis.stateful import run_state_machine_as_test
 
-from config.settings import load_settings
 from genq.embedded import EmbeddedRedis
+from genq.settings import load_settings
 from tests.conftest import environment
 from tests.model.machine import STATS, UUIDS, GenqMachine, World
 

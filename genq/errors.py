@@ -92,7 +92,8 @@ class DownloadRefused(PermanentError):
 
 
 class EnqueueError(GenqError):
-    """(Producer side) the job could not be recorded: the ledger is unreachable. Nothing was sent."""
+    """(Producer side) the job could not be recorded (the ledger is unreachable; nothing was sent), or
+    not yet on ``GENQ_REDIS_DURABLE_REPLICAS`` replicas: submit again with the same idempotency key."""
 
 
 class JobFailed(GenqError):

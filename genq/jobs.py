@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 from genq import downloads, retry
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 MEDIA: dict[JobKind, str] = {JobKind.IMAGE: "image", JobKind.UPSCALE: "image", JobKind.VIDEO: "video"}
 TRIGGERED_KINDS = frozenset(MEDIA)
 MAX_SUBMIT_ATTEMPTS = 5
+RECORD_RETRY_SECONDS = 20.0  # the submit task's soft time limit leaves 30 s after the POST's timeouts
 
 
 @dataclass
@@ -104,7 +107,22 @@ class JobService:
             return self._unknown(rec, f"unreadable answer: {exc}")
         except GenqError as exc:
             return self._submit_retry(rec, exc)
-        return self._submitted(rec, upstream.job_id, upstream.status.value)
+        return self._record_submitted(rec, upstream.job_id, upstream.status.value)
+
+    def _record_submitted(self, rec: JobRecord, upstream_id: str, status: str) -> list[Action]:
+        """The POST was answered: its id is the only handle on a paid job. A ledger failing over (a
+        Sentinel election takes seconds) is retried, within the task's time limit (30 s past the POST's
+        timeouts), rather than leaving the job to end submit_unknown, paid and never fetched."""
+        give_up = time.monotonic() + RECORD_RETRY_SECONDS
+        while True:
+            try:
+                return self._submitted(rec, upstream_id, status)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() >= give_up:
+                    log.error("job %s: upstream job %s not recorded, ledger unreachable", rec.id, upstream_id)
+                    raise
+                log.warning("job %s: no ledger; recording upstream job %s again", rec.id, upstream_id)
+                time.sleep(0.5)
 
     def _submitted(self, rec: JobRecord, upstream_id: str, status: str) -> list[Action]:
         now = self.clock()

@@ -132,10 +132,15 @@ class Producer:
         check_callback(request.callback, self.settings)
         try:
             accepted = intake.accept(self.ledger, request, idempotency_key=idempotency_key)
+            durable = self.ledger.make_durable(
+                self.settings.redis.durable_replicas, self.settings.redis.durable_timeout
+            )
         except redis.RedisError as exc:
             raise EnqueueError(
                 f"job not accepted: the ledger is unreachable ({type(exc).__name__})"
             ) from None
+        if not durable:  # a failover now could lose the record: the caller must not count on it yet
+            raise EnqueueError(f"job {accepted.id} not yet on a replica; submit it again with the same key")
         for job_id in accepted.to_submit:
             self._send(job_id)
         return JobHandle(accepted.id, accepted.created, self)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from genq.errors import EnqueueError
 from genq.models import JobKind
+from genq.producer import Producer
 from genq.store import Ledger
+from tests.helpers import environment
 from tests.redis_topologies import Replicated, replicated
 
 pytestmark = pytest.mark.integration
@@ -39,3 +42,24 @@ def test_make_durable_waits_for_the_replica(pair: Replicated) -> None:
 
     assert ledger.make_durable(1, 2.0) is True  # caught up once it runs again
     assert ledger.make_durable(2, 0.2) is False  # there is only one
+
+
+def test_a_producer_does_not_count_on_a_record_no_replica_has(pair: Replicated) -> None:
+    """With durable replicas asked for, submit returns only once a replica has the job's record: a
+    failover could otherwise lose a job whose id the caller already holds. Not yet: EnqueueError, and
+    the same idempotency key later gives the same job."""
+    env = {
+        "GENQ_REDIS_URL": pair.primary.url,
+        "GENQ_REDIS_DURABLE_REPLICAS": "1",
+        "GENQ_REDIS_DURABLE_TIMEOUT": "0.3",
+    }
+    with environment(env):
+        producer = Producer()
+    try:
+        with pair.replica_paused(), pytest.raises(EnqueueError, match="not yet on a replica"):
+            producer.submit_image("a fox", num_images=1, idempotency_key="order-1")
+        job = producer.submit_image("a fox", num_images=1, idempotency_key="order-1")
+        assert not job.created  # the record the first try wrote, now on the replica too
+        assert pair.replica.client().exists(f"genq:job:{job.id}")
+    finally:
+        producer.close()

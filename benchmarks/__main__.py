@@ -33,6 +33,7 @@ def registry() -> dict[str, Runner]:
         b4_polling,
         b5_downloads,
         b6_training,
+        b8_dashboard,
         simcapacity,
     )
 
@@ -44,6 +45,7 @@ def registry() -> dict[str, Runner]:
         b4_polling.NAME: b4_polling.run,
         b5_downloads.NAME: b5_downloads.run,
         b6_training.NAME: b6_training.run,
+        b8_dashboard.NAME: b8_dashboard.run,
     }
 
 

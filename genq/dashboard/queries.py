@@ -224,6 +224,11 @@ class Queries:
             return []
         return self._summaries([job_id])
 
+    def rows(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Rows of the given jobs (at most :data:`PAGE_MAX`), for the live table to refresh the ones
+        the stream said moved."""
+        return self._summaries([j for j in ids if JOB_ID.match(j)][:PAGE_MAX])
+
     def get(self, job_id: str) -> JobRecord | None:
         if not JOB_ID.match(job_id):
             return None

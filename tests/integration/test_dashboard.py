@@ -22,7 +22,6 @@ import redis
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 
-from genq import keys
 from genq.dashboard.app import (
     CSRF_HEADER,
     SESSION_COOKIE,
@@ -34,7 +33,7 @@ from genq.dashboard.app import (
     host_name,
     serve,
 )
-from genq.dashboard.queries import Queries, redact
+from genq.dashboard.queries import Queries, redact, xrange_entries
 from genq.embedded import EmbeddedRedis, free_port
 from genq.models import JobKind, JobState, OutputFile
 from genq.producer import Producer
@@ -47,7 +46,7 @@ pytestmark = pytest.mark.integration
 USER, PASSWORD = "ops", "pw-7c1e0d"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 WRONG = {"Authorization": "Basic " + base64.b64encode(f"{USER}:nope".encode()).decode()}
-URL_TOKEN = "sig-SECRET-0f9e"  # noqa: S105 - a canary: must never appear in an answer
+URL_TOKEN = "sig-SECRET-0f9e"  # a canary: must never appear in an answer
 GETS = [
     "/", "/static/app.js", "/static/style.css", "/api/session", "/api/counts", "/api/jobs",
     "/api/jobs/{job}", "/api/gallery", "/api/models", "/api/health", "/files/{job}/0",
@@ -59,7 +58,7 @@ GETS = [
 class World:
     def __init__(self, server: EmbeddedRedis, tmp: Path) -> None:
         self.server = server
-        self.redis = redis.Redis.from_url(server.url)
+        self.redis: redis.Redis = redis.Redis.from_url(server.url)
         self.ledger = Ledger(self.redis)
         self.downloads = tmp / "downloads"
         self.downloads.mkdir()
@@ -148,7 +147,7 @@ def test_refuses_to_start_without_credentials(world: World) -> None:
     with pytest.raises(DashboardRefused, match="GENQ_DASHBOARD_BASIC_AUTH is not set"):
         serve(None, DashboardSettings(basic_auth=""), local_only=False, address="127.0.0.1", port=0)
     with pytest.raises(DashboardRefused, match="loopback only"):
-        serve(None, DashboardSettings(), local_only=True, address="0.0.0.0", port=0)  # noqa: S104
+        serve(None, DashboardSettings(), local_only=True, address="0.0.0.0", port=0)
     with pytest.raises(ValueError, match="must be user:password"):
         DashboardSettings(basic_auth="admin:")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_DASHBOARD")}
@@ -226,7 +225,8 @@ def test_cancel_needs_the_sessions_csrf_token_and_works_with_it(world: World) ->
 
     async def body(client: TestClient[Any, Any]) -> None:
         # No session yet: refused even with a token from elsewhere.
-        assert (await client.post(f"/api/jobs/{job}/cancel", headers={**AUTH, CSRF_HEADER: "x"})).status == 403
+        cancel = f"/api/jobs/{job}/cancel"
+        assert (await client.post(cancel, headers={**AUTH, CSRF_HEADER: "x"})).status == 403
         answer = await client.get("/api/session", headers=AUTH)
         set_cookie = answer.headers["Set-Cookie"]
         assert set_cookie.startswith(SESSION_COOKIE + "=")
@@ -241,17 +241,18 @@ def test_cancel_needs_the_sessions_csrf_token_and_works_with_it(world: World) ->
         assert world.ledger.get(job).state is JobState.PENDING  # type: ignore[union-attr]
         # The token of one session is worth nothing in another.
         async with ClientSession() as other:
-            answer = await other.post(client.make_url(f"/api/jobs/{job}/cancel"), headers={**AUTH, CSRF_HEADER: token})
+            answer = await other.post(client.make_url(cancel), headers={**AUTH, CSRF_HEADER: token})
             assert answer.status == 403
         ok = await client.post(f"/api/jobs/{job}/cancel", headers={**AUTH, CSRF_HEADER: token})
         assert ok.status == 200, await ok.text()
         assert await ok.json() == {"id": job, "done": True, "state": "cancelled"}
-        again = await (await client.post(f"/api/jobs/{job}/cancel", headers={**AUTH, CSRF_HEADER: token})).json()
+        again = await (await client.post(cancel, headers={**AUTH, CSRF_HEADER: token})).json()
         assert again["done"] is False
         missing = await client.post("/api/jobs/0000/cancel", headers={**AUTH, CSRF_HEADER: token})
         assert missing.status == 404
         # Resubmit only moves a submit_unknown job.
-        refused = await (await client.post(f"/api/jobs/{job}/resubmit", headers={**AUTH, CSRF_HEADER: token})).json()
+        resubmit = f"/api/jobs/{job}/resubmit"
+        refused = await (await client.post(resubmit, headers={**AUTH, CSRF_HEADER: token})).json()
         assert refused == {"id": job, "done": False, "state": "cancelled"}
 
     run(world.dashboard(), body)
@@ -278,7 +279,8 @@ def test_jobs_api_pages_newest_first_and_filters(world: World) -> None:
         assert [j["id"] for j in last["jobs"]] == ids[::-1][100:] and last["next"] is None
         failed = await (await client.get("/api/jobs?state=failed&limit=5", headers=AUTH)).json()
         assert [j["id"] for j in failed["jobs"]] == ids[:7][::-1][:5]
-        more = await (await client.get(f"/api/jobs?state=failed&limit=5&offset={failed['next']}", headers=AUTH)).json()
+        older = f"/api/jobs?state=failed&limit=5&offset={failed['next']}"
+        more = await (await client.get(older, headers=AUTH)).json()
         assert [j["id"] for j in more["jobs"]] == ids[:2][::-1]
         assert failed["jobs"][0]["error"] == "upstream job failed: boom"
         none = await (await client.get("/api/jobs?kind=video", headers=AUTH)).json()
@@ -326,7 +328,10 @@ def test_job_page_has_timeline_reason_and_request_and_no_url_or_token(world: Wor
         assert (await client.get("/api/jobs/nope", headers=AUTH)).status == 404
 
     run(world.dashboard(), body)
-    assert redact("see https://u:p@h.example:8/p?q=1#f and http://x/y") == "see https://h.example:8/p and http://x/y"
+    assert (
+        redact("see https://u:p@h.example:8/p?q=1#f and http://x/y")
+        == "see https://h.example:8/p and http://x/y"
+    )
 
 
 def test_plots_are_svg_without_script(world: World) -> None:
@@ -366,7 +371,7 @@ def test_a_state_change_appears_on_the_live_stream(world: World) -> None:
         # A client that reconnects with the last id it saw gets what it missed.
         await asyncio.to_thread(world.ledger.transition, job, [JobState.SUBMITTING], JobState.FAILED)
         last = world.ledger.last_event_id()
-        first_id = world.redis.xrange(keys.EVENTS, count=1)[0][0].decode()
+        first_id = xrange_entries(world.redis, count=1)[0][0]
         again = await client.get("/events", headers={**AUTH, "Last-Event-ID": first_id})
         replay: list[dict[str, Any]] = []
         while not any(e.get("id") == last for e in replay):

@@ -75,8 +75,7 @@ async function post(path) {
 function main() { return document.getElementById("main"); }
 
 function show(...nodes) {
-  const m = main();
-  m.replaceChildren(...nodes);
+  main().replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
 }
 
 // ------------------------------------------------------------------ counts (live)
@@ -227,6 +226,26 @@ function viewJobs(params) {
   const matches = (e) => (!filt.state.length || filt.state.includes(e.to)) &&
     (!filt.kind.length || filt.kind.includes(e.kind)) && !filt.model && !filt.id && !filt.idem;
 
+  // Rows the stream says moved are read again (upstream status, polls, files), at most once a second.
+  const dirty = new Set();
+  let refreshTimer = null;
+  function refreshRows() {
+    refreshTimer = null;
+    const ids = [...dirty].filter((id) => rows.has(id)).slice(0, 200);
+    dirty.clear();
+    if (!ids.length) return;
+    api("/api/jobs?ids=" + ids.join(",")).then((page) => {
+      for (const j of page.jobs) {
+        const old = rows.get(j.id);
+        if (!old) continue;
+        const row = jobRow(j);
+        row.className = old.className;
+        old.replaceWith(row);
+        rows.set(j.id, row);
+      }
+    }).catch(() => {});
+  }
+
   return {
     name: "jobs",
     onEvents(batch) {
@@ -239,11 +258,15 @@ function viewJobs(params) {
           void tr.offsetWidth;
           tr.classList.add("flash");
           if (filt.state.length && !filt.state.includes(e.to)) tr.classList.add("gone");
+          dirty.add(e.job);
         } else if (offset === 0 && e.from === "" && matches(e)) {
+          const empty = body.querySelector("td.muted");
+          if (empty) empty.parentElement.remove();
           const row = jobRow({ id: e.job, kind: e.kind, state: e.to, created_at: e.at, updated_at: e.at });
           row.classList.add("flash");
           rows.set(e.job, row);
           body.prepend(row);
+          dirty.add(e.job);
           while (body.children.length > PAGE) {
             const last = body.lastElementChild;
             rows.delete(last.getAttribute("data-job"));
@@ -251,7 +274,9 @@ function viewJobs(params) {
           }
         }
       }
+      if (dirty.size && !refreshTimer) refreshTimer = setTimeout(refreshRows, 1000);
     },
+    close() { if (refreshTimer) clearTimeout(refreshTimer); },
   };
 }
 

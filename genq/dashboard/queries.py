@@ -7,13 +7,14 @@ is cut to scheme, host and path (:func:`genq.netguard.redact_url`), so a presign
 
 Scale: the job list pages ``genq:jobs`` (a sorted set by creation time) newest first with one
 ``ZREVRANGE`` and one pipelined ``HGETALL`` of that page only. A filter by state, kind or model reads
-three fields of at most :data:`SCAN_BUDGET` ids per request (pipelined ``HMGET``) and hands back a cursor
-to go on from, so no request reads the whole ledger.
+three fields of at most :data:`SCAN_BUDGET` ids per request, for at most :data:`SCAN_SECONDS` (pipelined
+``HMGET``, 500 at a time), and hands back a cursor to go on from, so no request reads the whole ledger.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ from genq.store import JobEvent, as_text
 PAGE_MAX = 200
 SCAN_BUDGET = 10_000
 """Most job ids one filtered listing request reads (three fields each) before answering with a cursor."""
-SCAN_CHUNK = 1_000
+SCAN_SECONDS = 0.1
+"""And at most this long: a filtered request answers with a cursor once it has read for this long, so it
+stays well under 200 ms however rare its matches and however loaded the machine."""
+SCAN_CHUNK = 500
 EVENTS_SCAN_CAP = 100_000
 """Most stream entries one job's timeline or the last hour's plots read (the stream's own cap)."""
 JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -182,7 +186,8 @@ class Queries:
         cursor = offset
         scanned = 0
         end = False
-        while len(found) < limit and scanned < SCAN_BUDGET:
+        deadline = time.monotonic() + SCAN_SECONDS
+        while len(found) < limit and scanned < SCAN_BUDGET and (not scanned or time.monotonic() < deadline):
             ids = [as_text(i) for i in self.redis.zrevrange(keys.JOBS, cursor, cursor + SCAN_CHUNK - 1)]
             if not ids:
                 end = True
@@ -331,7 +336,8 @@ class Queries:
         cursor = max(0, offset)
         scanned = 0
         end = False
-        while len(items) < limit and scanned < SCAN_BUDGET:
+        deadline = time.monotonic() + SCAN_SECONDS
+        while len(items) < limit and scanned < SCAN_BUDGET and (not scanned or time.monotonic() < deadline):
             ids = [as_text(i) for i in self.redis.zrevrange(keys.JOBS, cursor, cursor + SCAN_CHUNK - 1)]
             if not ids:
                 end = True

@@ -383,3 +383,27 @@ def test_a_state_change_appears_on_the_live_stream(world: World) -> None:
 
     replay = run(world.dashboard(), body)
     assert [(e["job"], e["to"]) for e in replay][-2:] == [(job, "submitting"), (job, "failed")]
+
+
+def test_models_show_state_time_in_training_and_parked_jobs(world: World) -> None:
+    from genq.model_store import ModelLedger
+    from genq.models import ModelState
+
+    models = ModelLedger(world.redis)
+    assert models.request("style-7", deadline=3600)
+    models.transition("style-7", [ModelState.REQUESTED], ModelState.TRAINING, started_at=models.clock() - 600)
+    parked = world.job("in the style", model_id="style-7")
+    assert world.ledger.get(parked).state is JobState.PARKED  # type: ignore[union-attr]
+
+    async def body(client: TestClient[Any, Any]) -> dict[str, Any]:
+        answer = await client.get("/api/models", headers=AUTH)
+        assert answer.status == 200
+        return await answer.json()  # type: ignore[no-any-return]
+
+    (model,) = run(world.dashboard(), body)["models"]
+    assert (model["id"], model["state"], model["parked"], model["parked_ids"]) == (
+        "style-7", "training", 1, [parked]
+    )  # fmt: skip
+    assert 600 <= model["training_seconds"] < 660
+    assert model["expected_seconds"] == [1200.0, 1500.0]
+    assert [h["event"] for h in model["history"]] == ["requested", "training"]

@@ -39,6 +39,10 @@ fetch(img.src, {credentials: "same-origin"}).then((r) => r.arrayBuffer())
   .catch((e) => done({error: String(e)}));
 """
 
+ROW_STATES = """return Object.fromEntries(arguments[0].map((id) => {
+  const cell = document.querySelector(`tr[data-job="${id}"] td.st`);
+  return [id, cell ? cell.textContent : ""];
+}));"""
 PLOTS_DRAWN = "return [...document.querySelectorAll('img.plot')].every(i => i.complete && i.naturalWidth > 0)"
 
 
@@ -111,6 +115,7 @@ def test_browser_sees_the_batch_live_its_pictures_and_a_failure(
         _wait(driver, lambda: find("css selector", "#live.on"), "the live stream connected")
         driver.execute_script("window.__notReloaded = true;")
 
+        producer.train_model("style-1")  # for the Models view
         # One job that fails upstream, then a small batch that succeeds.
         stack.sim.configure(fail_rate=1.0)
         failed = producer.submit_image("a storm that will not be drawn").id
@@ -118,17 +123,21 @@ def test_browser_sees_the_batch_live_its_pictures_and_a_failure(
         stack.sim.configure(fail_rate=0.0)
         ids = [producer.submit_image(f"a paper lantern #{i}").id for i in range(4)]
 
+        def row_states() -> dict[str, str]:
+            states: dict[str, str] = driver.execute_script(ROW_STATES, [failed, *ids])
+            return states
+
         def row_state(job: str) -> str:
-            rows = find("css selector", f'tr[data-job="{job}"] td.st')
-            return rows[0].text if rows else ""
+            return row_states()[job]
 
         # Rows appear and move through their states without any reload.
         seen: dict[str, set[str]] = {j: set() for j in ids}
 
         def all_succeeded() -> bool:
+            states = row_states()
             for j in ids:
-                seen[j].add(row_state(j))
-            return all(row_state(j) == "succeeded" for j in ids)
+                seen[j].add(states[j])
+            return all(states[j] == "succeeded" for j in ids)
 
         _wait(driver, lambda: all(row_state(j) for j in ids), "the new jobs' rows")
         driver.save_screenshot(str(ARTIFACTS / "dashboard-jobs-live.png"))
@@ -157,6 +166,12 @@ def test_browser_sees_the_batch_live_its_pictures_and_a_failure(
             assert shown.get("sha256") == out.sha256, shown
             assert (shown["width"], shown["height"]) == (64, 64)
         driver.save_screenshot(str(ARTIFACTS / "dashboard-gallery.png"))
+
+        driver.get(url + "/#/models")
+        _wait(driver, lambda: "style-1" in driver.find_element("id", "models").text, "the model")
+        models_text = driver.find_element("id", "models").text
+        assert "time in training" in models_text and "jobs parked on it" in models_text
+        driver.save_screenshot(str(ARTIFACTS / "dashboard-models.png"))
 
         driver.get(url + "/#/health")
         _wait(

@@ -194,6 +194,8 @@ function viewJobs(params) {
   show(form, info, table, pager);
 
   const rows = new Map();
+  let note = "";
+  const showInfo = () => { info.textContent = rows.size + " jobs shown, newest first" + note; };
   const q = new URLSearchParams();
   for (const s of filt.state) q.append("state", s);
   for (const k of filt.kind) q.append("kind", k);
@@ -207,9 +209,10 @@ function viewJobs(params) {
       rows.set(j.id, tr);
       body.append(tr);
     }
-    info.textContent = page.jobs.length + " jobs, newest first" +
-      (filtered ? " (" + page.scanned + " scanned)" : "") + "; answered in " +
-      Math.round(performance.now() - started) + " ms" + (offset ? "" : "; new jobs appear at the top");
+    const took = Math.round(performance.now() - started);
+    note = (filtered ? " (" + page.scanned + " scanned)" : "") + "; answered in " + took + " ms" +
+      (offset ? "" : "; new jobs appear at the top");
+    showInfo();
     if (!page.jobs.length) body.append(el("tr", {}, el("td", { colspan: 10, class: "muted", text: "no jobs" })));
     const base = new URLSearchParams(q);
     base.delete("limit");
@@ -272,6 +275,7 @@ function viewJobs(params) {
             rows.delete(last.getAttribute("data-job"));
             last.remove();
           }
+          showInfo();
         }
       }
       if (dirty.size && !refreshTimer) refreshTimer = setTimeout(refreshRows, 1000);

@@ -7,7 +7,8 @@ from this process (requests, one connection):
 
 - the first page of ``/api/jobs`` (50 rows, newest first), a deep page (offset 50,000), a filtered page
   (``state=failed``, which scans), a filter nothing matches (``kind=video``: one request scans its
-  budget (10,000 ids or 100 ms) and answers with a cursor), a lookup by id and ``/api/counts``, 40 times each;
+  budget, 10,000 ids or 50 ms of reading, and answers with a cursor), a lookup by id and
+  ``/api/counts``, 40 times each;
 - baseline: the reader ``genq jobs`` uses (``Ledger.list_records``, in-process, no HTTP) for the same
   first page and the same filter.
 

@@ -31,7 +31,7 @@ from genq.store import JobEvent, as_text
 PAGE_MAX = 200
 SCAN_BUDGET = 10_000
 """Most job ids one filtered listing request reads (three fields each) before answering with a cursor."""
-SCAN_SECONDS = 0.1
+SCAN_SECONDS = 0.05
 """And at most this long: a filtered request answers with a cursor once it has read for this long, so it
 stays well under 200 ms however rare its matches and however loaded the machine."""
 SCAN_CHUNK = 500

@@ -407,3 +407,23 @@ def test_models_show_state_time_in_training_and_parked_jobs(world: World) -> Non
     assert 600 <= model["training_seconds"] < 660
     assert model["expected_seconds"] == [1200.0, 1500.0]
     assert [h["event"] for h in model["history"]] == ["requested", "training"]
+
+
+def test_a_workflows_page_lists_its_steps_and_their_changes(world: World) -> None:
+    from genq import intake
+
+    request = intake.validate({"kind": "workflow", "generate": {"prompt": "a paper boat", "num_images": 2}})
+    flow = intake.accept(world.ledger, request)
+    (step,) = flow.to_submit
+    world.ledger.transition(step, [JobState.PENDING], JobState.SUBMITTING)
+
+    async def body(client: TestClient[Any, Any]) -> dict[str, Any]:
+        return await (await client.get(f"/api/jobs/{flow.id}", headers=AUTH)).json()  # type: ignore[no-any-return]
+
+    detail = run(world.dashboard(), body)
+    assert [s["id"] for s in detail["steps"]] == [step]
+    assert detail["steps"][0]["state"] == "submitting" and detail["steps"][0]["parent_id"] == flow.id
+    steps = [(s["step"], s.get("job")) for s in detail["timeline"]]
+    assert ("accepted (pending)", None) in steps and ("upstream running", None) in steps
+    assert (f"step {step[:8]}: submitting", step) in steps
+    assert detail["job"]["request"]["generate"]["prompt"] == "a paper boat"

@@ -284,7 +284,7 @@ class Queries:
         start_ms = int(rec.created_at * 1000) - 1000
         end = "+" if rec.finished_at is None else f"{int(rec.finished_at * 1000) + 2000}"
         first = xrange_entries(self.redis, count=1)
-        complete = bool(first) and int(first[0][0].split("-")[0]) <= start_ms + 1000
+        complete = bool(first) and int(first[0][0].split("-")[0]) <= start_ms
         wanted = {rec.id, *rec.children}
         out: list[JobEvent] = []
         after = f"{max(start_ms, 0)}-0"
@@ -301,7 +301,9 @@ class Queries:
             if len(chunk) < 2000:
                 break
         else:
-            complete = False
+            return out, False
+        # Its own creation found, or the stream reaches back before it: nothing older was trimmed.
+        complete = complete or any(e.job_id == rec.id and e.from_state == "" for e in out)
         return out, complete
 
     # ------------------------------------------------------------------ files

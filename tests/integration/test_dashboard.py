@@ -319,6 +319,7 @@ def test_job_page_has_timeline_reason_and_request_and_no_url_or_token(world: Wor
         assert detail["job"]["error"] == "download of https://files.example/0.png refused: HTTP 403"
         assert detail["job"]["request"]["image_url"] == "https://img.example/a.png"
         assert detail["job"]["callback"]["target"] == "https://hooks.example/genq"
+        assert detail["events_complete"] is True
         steps = [s["step"] for s in detail["timeline"]]
         assert steps[:3] == ["accepted (pending)", "submitting (paid POST)", "failed"], steps
         assert detail["timeline"][1]["since_prev"] >= 0

@@ -43,6 +43,10 @@ ROW_STATES = """return Object.fromEntries(arguments[0].map((id) => {
   const cell = document.querySelector(`tr[data-job="${id}"] td.st`);
   return [id, cell ? cell.textContent : ""];
 }));"""
+FILES_SHOWN = """return arguments[0].every((id) => {
+  const row = document.querySelector(`tr[data-job="${id}"]`);
+  return row && row.children[7].textContent === "1/1";
+});"""
 PLOTS_DRAWN = "return [...document.querySelectorAll('img.plot')].every(i => i.complete && i.naturalWidth > 0)"
 
 
@@ -143,6 +147,8 @@ def test_browser_sees_the_batch_live_its_pictures_and_a_failure(
         driver.save_screenshot(str(ARTIFACTS / "dashboard-jobs-live.png"))
         _wait(driver, all_succeeded, "every job succeeded in the table")
         _wait(driver, lambda: row_state(failed) == "failed", "the failed job's row")
+        # The rows that moved are read again from the ledger: their files show up too.
+        _wait(driver, lambda: driver.execute_script(FILES_SHOWN, ids), "every row's file")
         assert driver.execute_script("return window.__notReloaded === true")
         moved = {j: sorted(s - {""}) for j, s in seen.items()}
         assert any(len(s) >= 2 for s in moved.values()), moved  # seen in at least two states live

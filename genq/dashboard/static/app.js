@@ -242,10 +242,18 @@ function viewJobs(params) {
         const old = rows.get(j.id);
         if (!old) continue;
         const row = jobRow(j);
-        row.className = old.className;
+        row.className = old.className.replace("flash", "").trim();
+        const seenAt = Number(old.getAttribute("data-at") || 0);
+        if (j.updated_at < seenAt) {
+          // Read before a change the stream has already shown: keep that, and read again.
+          row.querySelector(".st").replaceWith(old.querySelector(".st"));
+          row.setAttribute("data-at", seenAt);
+          dirty.add(j.id);
+        }
         old.replaceWith(row);
         rows.set(j.id, row);
       }
+      if (dirty.size && !refreshTimer) refreshTimer = setTimeout(refreshRows, 1000);
     }).catch(() => {});
   }
 
@@ -257,6 +265,7 @@ function viewJobs(params) {
         if (tr) {
           tr.querySelector(".st").replaceChildren(stateBadge(e.to));
           tr.querySelector(".upd").textContent = fmtTime(e.at);
+          tr.setAttribute("data-at", e.at);
           tr.classList.remove("flash");
           void tr.offsetWidth;
           tr.classList.add("flash");

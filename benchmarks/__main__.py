@@ -34,6 +34,7 @@ def registry() -> dict[str, Runner]:
         b5_downloads,
         b6_training,
         b7_redis,
+        b8_dashboard,
         simcapacity,
     )
 
@@ -46,6 +47,7 @@ def registry() -> dict[str, Runner]:
         b5_downloads.NAME: b5_downloads.run,
         b6_training.NAME: b6_training.run,
         b7_redis.NAME: b7_redis.run,
+        b8_dashboard.NAME: b8_dashboard.run,
     }
 
 

@@ -323,6 +323,30 @@ def flower(local_only: bool, address: str | None, port: int | None) -> None:
 
 
 @main.command()
+@click.option("--local-only", is_flag=True, help="No authentication; listens on 127.0.0.1 only.")
+@click.option("--address", default=None, help="Listen address [GENQ_DASHBOARD_ADDRESS, 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Listen port [GENQ_DASHBOARD_PORT, 8950].")
+def dashboard(local_only: bool, address: str | None, port: int | None) -> None:
+    """Serve the job dashboard: every job live, one job's timeline, outputs, models, health plots,
+    cancel and resubmit. Basic auth from GENQ_DASHBOARD_BASIC_AUTH (required unless --local-only)."""
+    from genq import logs
+    from genq.dashboard.app import load_dashboard_settings, serve
+    from genq.settings import get_settings
+
+    settings = get_settings()
+    config = load_dashboard_settings()
+    logs.setup(settings.log.format)
+    default = "127.0.0.1" if local_only else config.address
+    serve(
+        settings,
+        config,
+        local_only=local_only,
+        address=address if address is not None else default,
+        port=port if port is not None else config.port,
+    )
+
+
+@main.command()
 @click.option("--address", default=None, help="Listen address [GENQ_METRICS_ADDRESS, 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Listen port [GENQ_METRICS_PORT, 9818].")
 @click.option("--once", is_flag=True, help="Print the metrics once and exit instead of serving them.")

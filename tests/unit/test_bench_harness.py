@@ -21,6 +21,8 @@ def test_every_benchmark_of_the_issue_is_registered() -> None:
         "polling",
         "downloads",
         "training",
+        "redis",
+        "dashboard",
     ]
 
 

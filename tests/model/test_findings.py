@@ -149,3 +149,13 @@ def test_findings_raise_the_invariant_error(m: GenqMachine) -> None:
     """The machine's failures are ``InvariantBroken`` (an AssertionError naming the invariant)."""
     with pytest.raises(InvariantBroken, match="I7"):
         m.fail("I7 indexes", "example")
+
+
+def test_f11_a_delivered_callback_of_a_cancelled_job_survives_its_expiry(m: GenqMachine) -> None:
+    m.submit("image", 1, False, True, True, None)
+    m.cancel(0)
+    m.deliver(first(m, "Notify"), "ok", 1.0, "success", 200.0)
+    m.tick(4000.0)
+    m.sweep()
+    check(m)
+    m.teardown()

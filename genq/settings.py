@@ -303,9 +303,9 @@ class PollSettings(_Group):
     percentile is about 0.96 of it); the learned part only decides when checking starts."""
     adaptive_skip: float = Field(0.03, ge=0, lt=0.05)
     """Fraction of jobs allowed to finish more than ``adaptive_gap`` before their first check."""
-    adaptive_half_life: float = Field(50.0, ge=1)
+    adaptive_half_life: float = Field(30.0, ge=1)
     """Observations after which an observed duration weighs half as much (per class)."""
-    adaptive_min_samples: float = Field(20.0, ge=1)
+    adaptive_min_samples: float = Field(10.0, ge=1)
     """Recent observations a class needs before its own histogram is used (else its kind's, else a
     fixed ``adaptive_gap`` loop)."""
     adaptive_cache: float = Field(5.0, ge=0)

@@ -298,7 +298,7 @@ class PollSettings(_Group):
     default timing (a ``GENQ_POLL_<KIND>`` that sets ``first_delay``, ``interval``, ``backoff`` or
     ``max_interval`` chooses that fixed policy for the kind). ``false``: the fixed per-kind policies,
     as before. Their ``deadline``, and ``max_interval`` for error waits, apply either way."""
-    adaptive_gap: float = Field(4.6, gt=0)
+    adaptive_gap: float = Field(4.7, gt=0)
     """Seconds between checks once a job may be done: the most a result waits to be noticed (the 95th
     percentile is about 0.96 of it); the learned part only decides when checking starts."""
     adaptive_skip: float = Field(0.03, ge=0, lt=0.05)

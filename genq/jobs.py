@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import requests
 from genq import downloads, retry
 from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
+from genq.durations import PollPlanner
 from genq.errors import (
     DownloadRefused,
     GenqError,
@@ -32,7 +34,7 @@ from genq.errors import (
 from genq.metrics import Recorder
 from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.netguard import NetPolicy, policy_from
-from genq.polling import clamp_to_deadline, poll_delay
+from genq.polling import clamp_to_deadline
 from genq.settings import PollPolicy, Settings
 from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
@@ -128,7 +130,7 @@ class JobService:
         now = self.clock()
         policy = self.policy(rec.kind)
         deadline_at = now + policy.deadline
-        delay = clamp_to_deadline(poll_delay(policy, 0, self.rng), now, deadline_at)
+        delay = clamp_to_deadline(self.planner.first_delay(rec, policy, self.rng), now, deadline_at)
         actions = self._schedule_poll(
             rec,
             # Pending too: the move to submitting may have been lost while the POST went through.
@@ -139,6 +141,7 @@ class JobService:
             upstream_id=upstream_id,
             upstream_status=status,
             deadline_at=deadline_at,
+            submitted_at=now,
             error=None,
         )
         if actions is None:
@@ -230,6 +233,7 @@ class JobService:
             return self._poll_error(rec, exc)
         if upstream.status.working:
             return self._poll_again(rec, upstream)
+        self.planner.finished(rec, self.policy(rec.kind), now)
         if upstream.status.value == "failed":
             reason = f"upstream job failed: {upstream.error or 'no reason given'}"
             return self._end(
@@ -246,7 +250,7 @@ class JobService:
     def _poll_again(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
         now = self.clock()
         polls = rec.polls + 1
-        delay = poll_delay(self.policy(rec.kind), polls, self.rng)
+        delay = self.planner.next_delay(rec, self.policy(rec.kind), polls, now, self.rng)
         delay = clamp_to_deadline(delay, now, rec.deadline_at or now + delay)
         state = JobState.SUBMITTED if upstream.status.value == "created" else JobState.RUNNING
         actions = self._schedule_poll(
@@ -438,6 +442,11 @@ class JobService:
         return self._ended(rec, JobState.SUCCEEDED, None)
 
     # ------------------------------------------------------------------ helpers
+
+    @cached_property
+    def planner(self) -> PollPlanner:
+        """When to check each job (learned durations, or the fixed policies)."""
+        return PollPlanner(self.ledger.redis, self.settings.poll)
 
     def policy(self, kind: JobKind) -> PollPolicy:
         poll = self.settings.poll

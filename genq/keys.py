@@ -69,6 +69,12 @@ def model_parked(model_id: str) -> str:
     return f"{PREFIX}:model:{model_id}:parked"
 
 
+def poll_durations(job_class: str) -> str:
+    """Hash: the learned duration histogram of one class of job (``b<bin>`` weights, ``n`` their total,
+    ``s`` the next observation's weight; see :mod:`genq.schedule`). Expires when unused for a while."""
+    return f"{PREFIX}:polldur:{job_class}"
+
+
 LIMIT_SEMAPHORE = f"{PREFIX}:limit:inflight"
 """Sorted set: leases of upstream calls in flight, scored by expiry."""
 

@@ -302,6 +302,8 @@ class JobRecord(BaseModel):
     poll_gen: int = 0
     errors_in_row: int = 0
     next_poll_at: float | None = None
+    submitted_at: float | None = None
+    """When the upstream accepted the POST (poll times and learned durations count from it)."""
     deadline_at: float | None = None
     expected_outputs: int = 0
     remote_ids: list[str] = Field(default_factory=list)
@@ -331,6 +333,7 @@ class JobRecord(BaseModel):
         data["outputs"] = sorted(outputs, key=lambda o: o["index"])
         for key in (
             "next_poll_at",
+            "submitted_at",
             "deadline_at",
             "finished_at",
             "upstream_id",

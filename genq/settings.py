@@ -291,6 +291,25 @@ class PollSettings(_Group):
         first_delay=300, interval=300, backoff=1.0, max_interval=300, jitter=0.05, deadline=7200
     )
     """Model training: usually 20-25 minutes, so checked about every 5 minutes."""
+    adaptive: bool = True
+    """Learn how long each class of job (kind, model and size) takes, in Redis, and check image,
+    upscale and video jobs at fixed times from their POST: first when all but ``adaptive_skip`` of
+    them may be done, then every ``adaptive_gap`` seconds. Applies to each kind whose policy keeps its
+    default timing (a ``GENQ_POLL_<KIND>`` that sets ``first_delay``, ``interval``, ``backoff`` or
+    ``max_interval`` chooses that fixed policy for the kind). ``false``: the fixed per-kind policies,
+    as before. Their ``deadline``, and ``max_interval`` for error waits, apply either way."""
+    adaptive_gap: float = Field(4.7, gt=0)
+    """Seconds between checks once a job may be done: the most a result waits to be noticed (the 95th
+    percentile is about 0.96 of it); the learned part only decides when checking starts."""
+    adaptive_skip: float = Field(0.03, ge=0, lt=0.05)
+    """Fraction of jobs allowed to finish more than ``adaptive_gap`` before their first check."""
+    adaptive_half_life: float = Field(30.0, ge=1)
+    """Observations after which an observed duration weighs half as much (per class)."""
+    adaptive_min_samples: float = Field(10.0, ge=1)
+    """Recent observations a class needs before its own histogram is used (else its kind's, else a
+    fixed ``adaptive_gap`` loop)."""
+    adaptive_cache: float = Field(5.0, ge=0)
+    """Seconds a worker process reuses a histogram read from Redis."""
     countdown_max: float = Field(60.0, gt=0)
     """Waits up to this long are countdown messages; longer ones are held in Redis by due time and
     dispatched by the sweeper, so they cost no worker memory and no visibility-timeout risk."""

@@ -371,6 +371,12 @@ class GenqMachine(RuleBasedStateMachine):
             accepted = intake.accept(self.ledger, request, job_id=job_id, idempotency_key=key or None)
             ready, made = accepted.to_submit, accepted.id
         self._log(f"    accepted as {made}")
+        if made in self.expired and self.redis.exists(keys.job(made)):
+            # Its record and key both expired, so genqueue had forgotten the request: a by-name resend
+            # (same derived id) is a new job, not the old one brought back.
+            self.expired.discard(made)
+            self.swept_expired.discard(made)
+            self.terminal_seen.pop(made, None)
         self._enqueue([SubmitLater(j, 0.0) for j in ready])
         self._refresh_known()
         return made
@@ -390,6 +396,8 @@ class GenqMachine(RuleBasedStateMachine):
             again = self._send_request(payload, via, key, f"{payload['kind']}{self.n}")
             if still:
                 check_i0_idempotent(self, key, first, again)
+            else:  # the key had expired: the resend is a new request, and later resends must find it
+                self.requests[self.requests.index((payload, via, key, first))] = (payload, via, key, again)
             if payload.get("callback"):
                 self.with_callback.add(again)
 

@@ -36,10 +36,10 @@ from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, per_item, ratio, summary
 from genq.celeryconf import POLL
-from genq.models import JobKind, JobState
+from genq.ledger import Ledger, as_text
+from genq.schemas import JobKind, JobState
 from genq.services import ledger_for
 from genq.simulator import SimConfig
-from genq.store import Ledger, as_text
 
 NAME = "capacity"
 SUSTAINED = 20_000  # jobs in flight for the look-ahead comparison: 67 polls/s due

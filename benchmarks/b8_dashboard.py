@@ -40,8 +40,8 @@ from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.stats import Goal, ratio, summary
 from genq import keys
 from genq.embedded import free_port
-from genq.models import JobState
-from genq.store import Ledger, to_field
+from genq.ledger import Ledger, to_field
+from genq.schemas import JobState
 
 NAME = "dashboard"
 PAGE_GOAL_MS = 200.0

@@ -13,10 +13,10 @@ from typing import Any
 import redis
 
 from benchmarks.harness import Stack
-from genq.models import JobRecord
+from genq.ledger import as_text
 from genq.producer import Producer
+from genq.schemas import JobRecord
 from genq.settings import Settings, load_settings
-from genq.store import as_text
 
 
 @dataclass

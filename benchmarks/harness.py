@@ -24,7 +24,7 @@ import requests
 
 from genq.celeryconf import QUEUES
 from genq.embedded import EmbeddedRedis
-from genq.local import BeatProcess, WorkerProcess
+from genq.processes import BeatProcess, WorkerProcess
 from genq.simulator import SimConfig, SimulatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ sweep (``now + GENQ_WORKER_SWEEP_INTERVAL``) and sends each polled job's poll as
 ``due - now`` (0 when overdue). A held wait then starts on time instead of up to one sweep interval
 late, while a worker still holds at most one sweep interval's worth of countdowns (due rate x interval,
 independent of how many jobs are in flight). Everything else (claim semantics, the new poll generation,
-pushing the claimed entry forward by the grace) is the same Lua as ``genq.store.CLAIM_DUE``.
+pushing the claimed entry forward by the grace) is the same Lua as ``genq.ledger.CLAIM_DUE``.
 
 The change proposed for genq: ``CLAIM_DUE`` takes a horizon and returns each entry's score;
 ``Ledger.claim_due(limit, horizon)`` passes ``now + sweep_interval``; ``Sweeper._drive_job`` makes
@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from genq.actions import Action, PollLater
-from genq.models import POLLING_STATES, JobState
-from genq.store import Ledger, as_text
+from genq.ledger import Ledger, as_text
+from genq.schemas import POLLING_STATES, JobState
 from genq.sweeper import Sweeper
 from genq.worker.celery_app import app
 

@@ -25,7 +25,7 @@ from genq.errors import (
     UpstreamUnavailable,
 )
 from genq.limits import UpstreamLimiter
-from genq.models import JobKind, UpstreamJob, UpstreamModel
+from genq.schemas import JobKind, UpstreamJob, UpstreamModel
 
 TRIGGER_PATHS: dict[JobKind, str] = {
     JobKind.IMAGE: "/images/generation",

@@ -25,11 +25,11 @@ import requests
 from genq import netguard, wallclock
 from genq.actions import Action, Notify
 from genq.errors import DownloadRefused, GenqError, InvalidRequest
-from genq.models import JobRecord, TaskCallback, WebhookCallback
+from genq.ledger import Ledger
 from genq.netguard import NetPolicy
 from genq.polling import error_delay
+from genq.schemas import JobRecord, TaskCallback, WebhookCallback
 from genq.settings import Settings
-from genq.store import Ledger
 
 log = logging.getLogger(__name__)
 

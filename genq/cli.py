@@ -430,7 +430,7 @@ def health(
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of requests, as the by-name ``genq.intake`` task accepts them."""
-    from genq.models import REQUEST_ADAPTER
+    from genq.schemas import REQUEST_ADAPTER
 
     click.echo(json.dumps(REQUEST_ADAPTER.json_schema(), indent=2))
 

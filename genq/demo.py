@@ -22,8 +22,8 @@ from rich.table import Table
 
 from genq.celeryconf import QUEUES
 from genq.embedded import EmbeddedRedis
-from genq.local import WorkerProcess
-from genq.models import JobRecord, JobState, OutputFile
+from genq.processes import WorkerProcess
+from genq.schemas import JobRecord, JobState, OutputFile
 from genq.settings import load_settings
 from genq.watch import JobBoard
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 import redis
 
 from genq import keys, schedule
-from genq.models import JobRecord
 from genq.polling import poll_delay
 from genq.schedule import Learned
+from genq.schemas import JobRecord
 from genq.settings import PollPolicy, PollSettings
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from genq import keys, metrics
 from genq.celeryconf import QUEUES
-from genq.models import JobState
+from genq.ledger import Ledger
+from genq.schemas import JobState
 from genq.services import broker_redis_client, redis_client
 from genq.settings import Settings
-from genq.store import Ledger
 
 log = logging.getLogger(__name__)
 

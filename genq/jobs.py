@@ -31,12 +31,12 @@ from genq.errors import (
     TransientError,
     UpstreamUnavailable,
 )
+from genq.ledger import KEEP, Ledger
 from genq.metrics import Recorder
-from genq.models import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline
+from genq.schemas import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
 from genq.settings import PollPolicy, Settings
-from genq.store import KEEP, Ledger
 from genq.workflows import WorkflowService
 
 log = logging.getLogger(__name__)

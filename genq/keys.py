@@ -14,7 +14,7 @@ CALLBACKS_DUE = f"{PREFIX}:callbacks:due"
 """Sorted set: jobs whose completion callback is still to be delivered, by when it is due."""
 EXPIRING = f"{PREFIX}:expiring"
 """Sorted set: ended job ids by when their records expire, so :data:`JOBS` and the due indexes are
-trimmed of them (:meth:`genq.store.Ledger.trim`)."""
+trimmed of them (:meth:`genq.ledger.Ledger.trim`)."""
 COUNTS = f"{PREFIX}:counts"
 """Hash: ``<kind>:<state>`` -> number of jobs in that state."""
 
@@ -26,7 +26,7 @@ SWEEP_LOCK = f"{PREFIX}:sweep:lock"
 """String with a short TTL: a sweep is running or just ran, so a sweep message arriving now (a
 backlog of them, or two beats) does nothing."""
 DURABLE_MARK = f"{PREFIX}:durable:mark"
-"""String written just before a WAIT by :meth:`genq.store.Ledger.make_durable` (its value: when)."""
+"""String written just before a WAIT by :meth:`genq.ledger.Ledger.make_durable` (its value: when)."""
 SWEEP_LAST = f"{PREFIX}:sweep:last"
 """String: when the sweeper last ran (Unix time), for health checks."""
 METRICS = f"{PREFIX}:metrics"

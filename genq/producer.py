@@ -22,17 +22,17 @@ from typing import Any
 import redis
 from celery import Celery
 
-from genq import intake
+from genq import control, intake
 from genq.callbacks import check_callback
 from genq.celeryconf import TASK_QUEUES, Task, celery_config
 from genq.errors import EnqueueError, GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
+from genq.ledger import JobEvent
 from genq.metrics import sent_at_header
-from genq.model_store import ModelLedger
-from genq.models import JobKind, JobRecord, JobState, ModelId, ModelRecord
+from genq.model_ledger import ModelLedger
+from genq.schemas import JobKind, JobRecord, JobState, ModelId, ModelRecord
 from genq.services import insecure_tls_warning, ledger_for, redis_client
 from genq.settings import Settings, get_settings
-from genq.store import JobEvent
 
 log = logging.getLogger(__name__)
 __all__ = ["EnqueueError", "JobHandle", "Producer"]
@@ -256,7 +256,7 @@ class Producer:
         """Submit again a job that ended ``submit_unknown``, after checking upstream that it never
         started: the one deliberate way to risk a second paid POST. False for any other state."""
         self.status(job_id)
-        gen = intake.resubmit(self.ledger, job_id)
+        gen = control.resubmit(self.ledger, job_id)
         if gen is None:
             return False
         self._send(job_id, gen)
@@ -266,7 +266,7 @@ class Producer:
         """Stop a job: it ends ``cancelled`` and later poll deliveries do nothing. A workflow step cancels
         its workflow. Returns False if the job had already ended."""
         record = self.status(job_id)
-        cancelled = intake.cancel(self.ledger, job_id)
+        cancelled = control.cancel(self.ledger, job_id)
         top = record.parent_id or job_id
         if cancelled and self.status(top).callback_state == "pending":
             # Report it now rather than at the next sweep.

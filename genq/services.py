@@ -9,18 +9,16 @@ from typing import Any, Final
 import redis
 from redis.sentinel import Sentinel
 
-from genq import keys, metrics
-from genq.actions import Action
+from genq import metrics
 from genq.api import UpstreamClient
 from genq.callbacks import CallbackService, callback_policy
-from genq.celeryconf import MODEL_TASKS
 from genq.clock import Clock
 from genq.jobs import JobService, net_policy
+from genq.ledger import Ledger
 from genq.limits import Limits, UpstreamLimiter
-from genq.model_store import ModelLedger
+from genq.model_ledger import ModelLedger
 from genq.netguard import guarded_session
 from genq.settings import RedisSettings, Settings
-from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
 from genq.workflows import WorkflowService
@@ -157,21 +155,6 @@ class Services:
         receivers = guarded_session(callback_policy(settings))
         callbacks = CallbackService(settings, ledger, receivers, clock, rng)
         return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks)
-
-    def deliveries(self, task_id: str) -> int:
-        """Count one more delivery of a task message; returns the count so far."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(keys.deliveries(task_id))
-        pipe.expire(keys.deliveries(task_id), 86400)
-        count, _ = pipe.execute()
-        return int(count)
-
-    def poison(self, task_name: str, subject: str, deliveries: int) -> list[Action]:
-        """End the job (or model training) a poison message is about, with the reason."""
-        reason = f"{task_name} was delivered {deliveries} times without finishing (it may crash its worker)"
-        if task_name in MODEL_TASKS:
-            return self.training.abandon(subject, reason)
-        return self.jobs.abandon(subject, reason)
 
     def close(self) -> None:
         self.api.session.close()

@@ -25,9 +25,9 @@ from genq.actions import (
     TrainLater,
 )
 from genq.jobs import JobService
-from genq.model_store import ModelLedger
-from genq.models import POLLING_STATES, JobKind, JobState, ModelState
-from genq.store import Claimed, Ledger
+from genq.ledger import Claimed, Ledger
+from genq.model_ledger import ModelLedger
+from genq.schemas import POLLING_STATES, JobKind, JobState, ModelState
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from genq.actions import Action, PollModelLater, TrainLater
 from genq.api import UpstreamClient
 from genq.errors import GenqError, ProtocolError, UpstreamUnavailable
 from genq.jobs import JobService
-from genq.model_store import ModelLedger
-from genq.models import ModelRecord, ModelState
+from genq.model_ledger import ModelLedger
 from genq.polling import clamp_to_deadline, poll_delay
+from genq.schemas import ModelRecord, ModelState
 from genq.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from genq.models import JobRecord, JobState
+from genq.schemas import JobRecord, JobState
 
 if TYPE_CHECKING:
     from genq.producer import Producer

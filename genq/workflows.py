@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from genq.actions import Action, Notify, SubmitLater
 from genq.intake import accept, start_workflow
-from genq.models import JobKind, JobRecord, JobState, UpscaleRequest, WorkflowRequest
-from genq.store import Ledger
+from genq.ledger import Ledger
+from genq.schemas import JobKind, JobRecord, JobState, UpscaleRequest, WorkflowRequest
 
 log = logging.getLogger(__name__)
 

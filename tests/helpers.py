@@ -18,12 +18,12 @@ import pytest
 
 from genq.celeryconf import QUEUES
 from genq.embedded import EmbeddedRedis
-from genq.local import BeatProcess, WorkerProcess
+from genq.ledger import Ledger
+from genq.processes import BeatProcess, WorkerProcess
 from genq.producer import Producer
 from genq.services import redis_client
 from genq.settings import Settings, get_settings, load_settings
 from genq.simulator import SimulatorProcess
-from genq.store import Ledger
 
 FAST_POLL = '{"first_delay": 0.3, "interval": 0.3, "backoff": 1.2, "max_interval": 1, "deadline": 60}'
 

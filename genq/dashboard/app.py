@@ -42,8 +42,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from genq.dashboard import plots
 from genq.dashboard.queries import JOB_ID, JobFilter, Queries, per_minute, xrange_entries
 from genq.errors import GenqError
-from genq.models import JobKind, JobState
-from genq.store import JobEvent, Ledger
+from genq.ledger import JobEvent, Ledger
+from genq.schemas import JobKind, JobState
 
 log = logging.getLogger("genq.dashboard")
 

@@ -24,9 +24,9 @@ from typing import Any
 import redis
 
 from genq import keys
-from genq.models import JobRecord, JobState, ModelRecord, OutputFile
+from genq.ledger import JobEvent, as_text
 from genq.netguard import redact_url
-from genq.store import JobEvent, as_text
+from genq.schemas import JobRecord, JobState, ModelRecord, OutputFile
 
 PAGE_MAX = 200
 SCAN_BUDGET = 10_000

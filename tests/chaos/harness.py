@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genq.models import JobKind, JobRecord, JobState
 from genq.producer import EnqueueError, Producer
+from genq.schemas import JobKind, JobRecord, JobState
 from tests.helpers import Stack
 
 POLL = '{"first_delay": 0.5, "interval": 0.5, "backoff": 1.3, "max_interval": 2, "deadline": 25}'

@@ -28,8 +28,8 @@ import redis
 
 from genq.embedded import EmbeddedRedis
 from genq.errors import GenqError
-from genq.models import JobKind, JobState
 from genq.producer import Producer
+from genq.schemas import JobKind, JobState
 from genq.simulator import SimConfig
 from tests.chaos.harness import Chaos, Figures, Plan
 from tests.helpers import Stack

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from genq.local import ProcessGroup
+from genq.processes import ProcessGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

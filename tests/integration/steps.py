@@ -25,12 +25,12 @@ from genq.api import UpstreamClient
 from genq.callbacks import CallbackService
 from genq.embedded import EmbeddedRedis
 from genq.jobs import JobService
+from genq.ledger import Ledger
 from genq.limits import Limits, UpstreamLimiter
-from genq.model_store import ModelLedger
-from genq.models import JobKind, JobRecord, JobState, ModelRecord
+from genq.model_ledger import ModelLedger
+from genq.schemas import JobKind, JobRecord, JobState, ModelRecord
 from genq.services import ledger_for, redis_client
 from genq.settings import Settings, load_settings
-from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
 from genq.workflows import WorkflowService

@@ -16,7 +16,7 @@ import responses
 from genq.actions import Notify
 from genq.callbacks import public_record
 from genq.errors import GenqError
-from genq.models import JobState
+from genq.schemas import JobState
 from tests.integration.steps import (  # noqa: F401  (fixtures)
     GRACE,
     SECRET,

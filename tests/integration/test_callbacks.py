@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from genq.errors import InvalidRequest
-from genq.local import WorkerProcess
-from genq.models import JobState
+from genq.processes import WorkerProcess
+from genq.schemas import JobState
 from genq.simulator import SimConfig
 from tests.conftest import Stack, wait_all
 

@@ -111,7 +111,7 @@ def test_settings_come_from_a_dotenv_file(stack: Stack, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("GENQ_API_KEY=from-dotenv\n")
     env = {k: v for k, v in stack.env.items() if k != "GENQ_API_KEY"}
     worker_env = _clean_env(**env)
-    from genq.local import WorkerProcess
+    from genq.processes import WorkerProcess
 
     with WorkerProcess(worker_env, log_path=tmp_path / "w.log", cwd=tmp_path):
         producer = stack.producer()

@@ -25,8 +25,8 @@ import requests
 import yaml
 
 from genq.embedded import find_redis_server, free_port
-from genq.models import JobState
 from genq.producer import Producer
+from genq.schemas import JobState
 from genq.settings import load_settings
 from tests.helpers import environment, wait_all
 from tests.integration.procs import BIN, ROOT, Service, ensure_debian_packages, sample, scrape

@@ -35,9 +35,9 @@ from genq.dashboard.app import (
 )
 from genq.dashboard.queries import Queries, redact, xrange_entries
 from genq.embedded import EmbeddedRedis, free_port
-from genq.models import JobKind, JobState, OutputFile
+from genq.ledger import Ledger
 from genq.producer import Producer
-from genq.store import Ledger
+from genq.schemas import JobKind, JobState, OutputFile
 from tests.helpers import environment
 from tests.integration.procs import genq
 
@@ -387,8 +387,8 @@ def test_a_state_change_appears_on_the_live_stream(world: World) -> None:
 
 
 def test_models_show_state_time_in_training_and_parked_jobs(world: World) -> None:
-    from genq.model_store import ModelLedger
-    from genq.models import ModelState
+    from genq.model_ledger import ModelLedger
+    from genq.schemas import ModelState
 
     models = ModelLedger(world.redis)
     assert models.request("style-7", deadline=3600)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from genq.errors import EnqueueError
-from genq.models import JobKind
+from genq.ledger import Ledger
 from genq.producer import Producer
-from genq.store import Ledger
+from genq.schemas import JobKind
 from tests.helpers import environment
 from tests.redis_topologies import Replicated, replicated
 

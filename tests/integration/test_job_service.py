@@ -16,10 +16,10 @@ from genq.actions import Download, Finalize, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.embedded import EmbeddedRedis
 from genq.jobs import JobService
-from genq.models import JobKind, JobState
+from genq.ledger import Ledger
+from genq.schemas import JobKind, JobState
 from genq.services import redis_client
 from genq.settings import Settings, load_settings
-from genq.store import Ledger
 from genq.workflows import WorkflowService
 from tests.conftest import environment
 
@@ -277,7 +277,7 @@ def test_refused_download_fails_the_job_and_leaves_no_file(
 def test_resubmit_is_the_deliberate_way_out_of_submit_unknown(
     service: JobService, upstream: responses.RequestsMock
 ) -> None:
-    from genq.intake import resubmit
+    from genq.control import resubmit
 
     post = upstream.post(f"{API}/images/generation", body=requests.ReadTimeout("slow"))
     _job(service)

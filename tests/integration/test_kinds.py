@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 from genq.intake import job_id_for
-from genq.models import JobKind, JobState
+from genq.schemas import JobKind, JobState
 from genq.simulator import Duration, SimConfig
 from tests.helpers import FAST_POLL, Stack, wait_all
 

@@ -7,8 +7,8 @@ import redis
 
 from genq import keys
 from genq.embedded import EmbeddedRedis
-from genq.models import JobKind, JobState, OutputFile
-from genq.store import Ledger
+from genq.ledger import Ledger
+from genq.schemas import JobKind, JobState, OutputFile
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from genq import keys
-from genq.models import JobState, ModelState
+from genq.schemas import JobState, ModelState
 from tests.integration.steps import GRACE, MODEL_DEADLINE, START, Steps, shared_redis_fixture, steps_fixture  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

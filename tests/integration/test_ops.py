@@ -20,9 +20,9 @@ import requests
 
 from genq import keys, metrics
 from genq.embedded import free_port
-from genq.models import JobState
+from genq.ledger import Ledger
+from genq.schemas import JobState
 from genq.simulator import SimConfig
-from genq.store import Ledger
 from tests.helpers import Stack, wait_all
 from tests.integration.procs import ARTIFACTS, Service, genq, sample, scrape, wait_http
 

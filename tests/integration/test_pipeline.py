@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from genq.models import JobState
+from genq.schemas import JobState
 from genq.simulator import SimConfig
 from tests.helpers import Stack, task_runtimes, wait_all
 

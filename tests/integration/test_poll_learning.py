@@ -12,8 +12,8 @@ import redis
 from genq import keys
 from genq.durations import DurationStore, PollPlanner
 from genq.embedded import EmbeddedRedis
-from genq.models import JobKind, JobRecord, JobState
 from genq.schedule import Histogram, Learned
+from genq.schemas import JobKind, JobRecord, JobState
 from genq.settings import PollPolicy, PollSettings
 
 pytestmark = pytest.mark.integration

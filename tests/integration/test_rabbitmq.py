@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from genq.models import JobState
+from genq.schemas import JobState
 from tests.helpers import Stack, wait_all
 from tests.integration.procs import genq, sample, scrape
 

@@ -21,8 +21,8 @@ import celery
 import pytest
 
 from genq import keys
-from genq.models import POLLING_STATES, JobRecord, JobState
 from genq.producer import EnqueueError, Producer
+from genq.schemas import POLLING_STATES, JobRecord, JobState
 from tests.conftest import FAST_POLL, Stack, wait_all
 
 pytestmark = pytest.mark.integration

@@ -35,20 +35,20 @@ from pydantic import SecretStr
 
 from config.celeryconf import celery_config
 from config.settings import Settings, load_settings
-from genq import intake, keys
+from genq import control, intake, keys
 from genq.actions import Download, Finalize, Notify, PollLater, PollModelLater, SubmitLater, TrainLater
 from genq.api import UpstreamClient
 from genq.callbacks import CallbackService, callback_policy
 from genq.embedded import EmbeddedRedis
 from genq.errors import UpstreamUnavailable
 from genq.jobs import JobService
+from genq.ledger import Ledger
 from genq.limits import Limits, UpstreamLimiter
-from genq.model_store import ModelLedger
-from genq.models import ImageRequest, JobKind, JobState, ModelState, WorkflowRequest
+from genq.model_ledger import ModelLedger
 from genq.netguard import guarded_session
 from genq.producer import Producer
+from genq.schemas import ImageRequest, JobKind, JobState, ModelState, WorkflowRequest
 from genq.services import redis_client
-from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
 from genq.workflows import WorkflowService
@@ -487,7 +487,7 @@ def test_hole07_a_resubmitted_job_reports_its_real_ending_with_a_new_delivery_id
     rig.run([_submit_msg(job_id)])
     assert rig.state(job_id) is JobState.SUBMIT_UNKNOWN and hook.call_count == 1
 
-    gen = intake.resubmit(rig.ledger, job_id)
+    gen = control.resubmit(rig.ledger, job_id)
     assert gen not in (None, False)
     assert rig.step(Notify(job_id)) == [] and hook.call_count == 1  # stale: the job is live again
     upstream.replace(responses.POST, f"{API}/images/generation", json={"result": {"jobId": "up2"}})
@@ -568,7 +568,7 @@ def test_hole09_a_cancel_racing_the_workflow_fan_out_leaves_no_upscale_posted(
 
     def cancel_first(job_id: str, **fields: Any) -> None:
         if job_id == wf_id and "children" in fields:
-            assert intake.cancel(rig.ledger, wf_id)  # the operator's cancel, just before the write
+            assert control.cancel(rig.ledger, wf_id)  # the operator's cancel, just before the write
         real_set_fields(job_id, **fields)
 
     monkeypatch.setattr(rig.ledger, "set_fields", cancel_first)

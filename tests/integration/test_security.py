@@ -21,8 +21,8 @@ from genq.downloads import DownloadRules, fetch
 from genq.embedded import EmbeddedRedis
 from genq.errors import DownloadRefused
 from genq.jobs import JobService, net_policy
-from genq.models import JobKind, JobState
 from genq.netguard import NetPolicy, guarded_session
+from genq.schemas import JobKind, JobState
 from genq.services import ledger_for, redis_client
 from genq.settings import Settings
 from genq.simulator import SimConfig

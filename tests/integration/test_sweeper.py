@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from genq.models import JobState, ModelState
 from genq.producer import Producer
+from genq.schemas import JobState, ModelState
 from genq.simulator import SimConfig
 from tests.conftest import Stack, wait_all
 

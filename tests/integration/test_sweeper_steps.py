@@ -11,7 +11,7 @@ import pytest
 from genq import keys
 from genq.actions import Download, Finalize, Notify, PollLater, PollModelLater, SubmitLater, TrainLater
 from genq.intake import accept
-from genq.models import ImageRequest, JobKind, JobState, ModelState, OutputFile, WorkflowRequest
+from genq.schemas import ImageRequest, JobKind, JobState, ModelState, OutputFile, WorkflowRequest
 from tests.integration.steps import GRACE, MODEL_DEADLINE, START, Steps, shared_redis_fixture, steps_fixture  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from genq.models import JobState, ModelState
+from genq.schemas import JobState, ModelState
 from genq.simulator import SimConfig
 from tests.conftest import Stack, wait_all
 

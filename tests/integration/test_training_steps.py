@@ -11,7 +11,7 @@ import requests
 import responses
 
 from genq.actions import Notify, PollModelLater, SubmitLater, TrainLater
-from genq.models import JobState, ModelState
+from genq.schemas import JobState, ModelState
 from tests.integration.steps import (  # noqa: F401  (fixtures)
     API,
     GRACE,

@@ -7,7 +7,7 @@ import pytest
 
 from genq.actions import Notify, SubmitLater
 from genq.intake import accept
-from genq.models import ImageRequest, JobKind, JobState, OutputFile, WorkflowRequest
+from genq.schemas import ImageRequest, JobKind, JobState, OutputFile, WorkflowRequest
 from tests.integration.steps import Steps, shared_redis_fixture, steps_fixture  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
 from genq.errors import ProtocolError, RateLimited, Throttled, UpstreamRejected, UpstreamUnavailable
-from genq.models import JobKind, UpstreamJob, UpstreamModel
+from genq.schemas import JobKind, UpstreamJob, UpstreamModel
 
 # Answer classes of one upstream call. "ok" first: hypothesis shrinks towards it.
 OUTCOMES = ("ok", "429", "throttled", "5xx", "timeout", "malformed", "401", "404")

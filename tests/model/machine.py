@@ -45,7 +45,7 @@ import redis
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from genq import intake, keys
+from genq import control, intake, keys
 from genq.actions import (
     Action,
     Download,
@@ -58,10 +58,10 @@ from genq.actions import (
 )
 from genq.callbacks import CallbackService, check_callback
 from genq.jobs import JobService
-from genq.model_store import ModelLedger
-from genq.models import POLLING_STATES, JobRecord, JobState, ModelRecord, ModelState
+from genq.ledger import Ledger
+from genq.model_ledger import ModelLedger
+from genq.schemas import POLLING_STATES, JobRecord, JobState, ModelRecord, ModelState
 from genq.settings import Settings
-from genq.store import Ledger
 from genq.sweeper import Sweeper
 from genq.training import TrainingService
 from genq.workflows import WorkflowService
@@ -426,7 +426,7 @@ class GenqMachine(RuleBasedStateMachine):
 
         def go() -> None:
             rec = self.ledger.get(job_id)
-            if intake.cancel(self.ledger, job_id):
+            if control.cancel(self.ledger, job_id):
                 top = (rec.parent_id if rec else None) or job_id
                 top_rec = self.ledger.get(top)
                 if top_rec is not None and top_rec.callback_state == "pending":
@@ -447,7 +447,7 @@ class GenqMachine(RuleBasedStateMachine):
 
         def go() -> None:
             rec = self.ledger.get(job_id)
-            gen = intake.resubmit(self.ledger, job_id)
+            gen = control.resubmit(self.ledger, job_id)
             if gen is not None:
                 # A new epoch only when the ledger did not know of an upstream job: resubmitting a
                 # job whose upstream id is recorded is not an operator's informed choice.
@@ -503,7 +503,7 @@ class GenqMachine(RuleBasedStateMachine):
             if racer == "cancel":
                 target = subject(m.action)
                 self._log(f"    meanwhile: cancel {target}")
-                if intake.cancel(self.ledger, target):
+                if control.cancel(self.ledger, target):
                     rec = self.ledger.get(target)
                     top = (rec.parent_id if rec else None) or target
                     top_rec = self.ledger.get(top)

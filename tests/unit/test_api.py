@@ -24,7 +24,7 @@ from genq.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from genq.models import JobKind, UpstreamStatus
+from genq.schemas import JobKind, UpstreamStatus
 
 KEY = "sk-CANARY-123"
 BASE = "https://api.example.test/v1"

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from genq.demo import reasons, report, table
-from genq.models import JobKind, JobRecord, JobState, OutputFile
+from genq.schemas import JobKind, JobRecord, JobState, OutputFile
 
 
 def _record(

@@ -1,4 +1,4 @@
-"""``genq.models``: producer request validation, upstream payload parsing, the ledger's job record."""
+"""``genq.schemas``: producer request validation, upstream payload parsing, the ledger's job record."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from genq.errors import InvalidRequest, ProtocolError
 from genq.intake import validate
-from genq.models import (
+from genq.schemas import (
     POLLING_STATES,
     TERMINAL_STATES,
     ImageRequest,

@@ -15,8 +15,8 @@ import redis
 
 from genq import keys
 from genq.clock import Clock, RedisClock
-from genq.models import ModelRecord, ModelState
-from genq.store import CLAIM_DUE, Transition, as_text, to_field
+from genq.ledger import CLAIM_DUE, Transition, as_text, to_field
+from genq.schemas import ModelRecord, ModelState
 
 _REQUEST = """
 -- KEYS: model, history, models, due. ARGV: id, now, force ('1'/'0'), deadline (seconds), due

@@ -18,7 +18,7 @@ import redis
 
 from genq import keys
 from genq.clock import Clock, RedisClock
-from genq.models import POLLING_STATES, TERMINAL_STATES, JobKind, JobRecord, JobState, OutputFile
+from genq.schemas import POLLING_STATES, TERMINAL_STATES, JobKind, JobRecord, JobState, OutputFile
 
 KEEP: Final = object()
 """``due_at`` value: leave the job's due time as it is."""

@@ -28,7 +28,7 @@ unit: $(VENV)/.installed-dev  ## the unit tests only: no services, under 30 s
 	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
 
 chaos: $(VENV)/.installed-dev  ## the full chaos run: 500 jobs, kills, Redis crashes, upstream faults
-	$(BIN)/pytest tests/chaos -m slow -s $(PYTEST_ARGS)
+	$(BIN)/pytest tests/chaos tests/model -m slow -s $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev  ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .

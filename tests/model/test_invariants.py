@@ -151,5 +151,5 @@ def test_every_invariant_holds(world: World, capsys: pytest.CaptureFixture[str])
 @pytest.mark.slow
 @pytest.mark.timeout(int(os.environ.get("GENQ_MODEL_TIMEOUT", "7200")))  # pyproject's 300 s is too short
 def test_every_invariant_holds_long(world: World, capsys: pytest.CaptureFixture[str]) -> None:
-    examples = int(os.environ.get("GENQ_MODEL_EXAMPLES", "3000"))
+    examples = int(os.environ.get("GENQ_MODEL_EXAMPLES", "600"))
     explore(world, examples, int(os.environ.get("GENQ_MODEL_STEPS", "80")), capsys, 300)

@@ -309,6 +309,10 @@ def test_trim_drops_expired_records_from_every_index(steps: Steps) -> None:
     steps.ledger.transition("gone", [JobState.PENDING], JobState.FAILED, error="x")
     steps.ledger.transition("kept", [JobState.PENDING], JobState.FAILED, error="x")
     assert steps.callback_due("gone") is not None
+    # An ended record keeps living while its callback is due; settled, its TTL starts.
+    assert steps.redis.ttl(keys.job("gone")) == -1
+    steps.ledger.callback_attempted("gone", state="failed", attempts=6, error="x", retry_at=None)
+    assert steps.redis.ttl(keys.job("gone")) > 0
     steps.redis.delete(keys.job("gone"))  # its TTL ran out (the fake clock cannot make Redis expire it)
     steps.clock.now = START + ttl
 

@@ -398,6 +398,19 @@ class WorkerSettings(_Group):
         return self
 
 
+def check_basic_auth(value: SecretStr) -> SecretStr:
+    """``user:password`` entries, comma-separated; the message never echoes the value (a password)."""
+    for entry in basic_auth_entries(value):
+        user, _, password = entry.partition(":")
+        if not user or not password:
+            raise ValueError("must be user:password (comma-separated for several), both non-empty")
+    return value
+
+
+def basic_auth_entries(value: SecretStr) -> list[str]:
+    return [e for e in value.get_secret_value().split(",") if e]
+
+
 class FlowerSettings(_Group):
     """``genq flower``, the monitoring UI. It refuses to start without ``basic_auth`` unless it is run
     ``--local-only`` (loopback, no auth)."""
@@ -412,16 +425,11 @@ class FlowerSettings(_Group):
     @field_validator("basic_auth")
     @classmethod
     def _user_password(cls, value: SecretStr) -> SecretStr:
-        # The message must not echo the value: it is a password.
-        for entry in filter(None, value.get_secret_value().split(",")):
-            user, _, password = entry.partition(":")
-            if not user or not password:
-                raise ValueError("must be user:password (comma-separated for several), both non-empty")
-        return value
+        return check_basic_auth(value)
 
     @property
     def credentials(self) -> list[str]:
-        return [e for e in self.basic_auth.get_secret_value().split(",") if e]
+        return basic_auth_entries(self.basic_auth)
 
 
 class MetricsSettings(_Group):

@@ -44,6 +44,7 @@ from genq.dashboard.queries import JOB_ID, JobFilter, Queries, per_minute, xrang
 from genq.errors import GenqError
 from genq.ledger import JobEvent, Ledger
 from genq.schemas import JobKind, JobState
+from genq.settings import basic_auth_entries, check_basic_auth
 
 log = logging.getLogger("genq.dashboard")
 
@@ -86,15 +87,11 @@ class DashboardSettings(BaseSettings):
     @field_validator("basic_auth")
     @classmethod
     def _user_password(cls, value: SecretStr) -> SecretStr:
-        for entry in filter(None, value.get_secret_value().split(",")):
-            user, _, password = entry.partition(":")
-            if not user or not password:
-                raise ValueError("must be user:password (comma-separated for several), both non-empty")
-        return value
+        return check_basic_auth(value)
 
     @property
     def credentials(self) -> list[str]:
-        return [e for e in self.basic_auth.get_secret_value().split(",") if e]
+        return basic_auth_entries(self.basic_auth)
 
 
 def load_dashboard_settings() -> DashboardSettings:

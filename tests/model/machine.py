@@ -377,6 +377,7 @@ class GenqMachine(RuleBasedStateMachine):
             self.expired.discard(made)
             self.swept_expired.discard(made)
             self.terminal_seen.pop(made, None)
+            self.epoch[made] += 1  # I2: its POST is paid anew, not a second one of the old job
         self._enqueue([SubmitLater(j, 0.0) for j in ready])
         self._refresh_known()
         return made
@@ -899,7 +900,8 @@ def check_i5_callbacks(m: GenqMachine) -> None:
     """I5 (after quiesce): every job submitted with a callback had it delivered, and the last delivery
     carries the job's final state and reason (a job's record expiring first is a lost callback). Every
     delivery reports a terminal state. A callback given up after ``callbacks.max_attempts`` failed
-    attempts (``callback_failed``, documented) is accepted."""
+    attempts (``callback_failed``, documented) is accepted, also once its record has expired (its TTL
+    starts when the callback is settled)."""
     by_job: dict[str, list[dict[str, Any]]] = {}
     for sent in m.sink.sent:
         by_job.setdefault(sent.record["id"], []).append(sent.record)
@@ -909,7 +911,9 @@ def check_i5_callbacks(m: GenqMachine) -> None:
         rec = m.records.get(job_id) or m.known.get(job_id)
         if rec is None:
             continue
-        if job_id in m.records and rec.callback_state == "failed":
+        if rec.callback_state == "failed":
+            # Given up (documented). The record's TTL starts then, so it may have expired since:
+            # ``known`` holds its state when it did.
             continue
         got = by_job.get(job_id, [])
         if not got:

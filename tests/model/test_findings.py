@@ -159,3 +159,26 @@ def test_f11_a_delivered_callback_of_a_cancelled_job_survives_its_expiry(m: Genq
     m.sweep()
     check(m)
     m.teardown()
+
+
+def test_f12_a_callback_given_up_is_not_lost_when_its_record_expires(m: GenqMachine) -> None:
+    m.submit("image", 1, False, True, False, None)
+    m.cancel(0)
+    for _ in range(3):  # callbacks.max_attempts: the third failure gives up (callback_failed)
+        m.deliver(first(m, "Notify"), "404", 1.0, "success", 200.0)
+    check(m)
+    assert m.records["image1"].callback_state == "failed"
+    m.tick(4000.0)  # the TTL starts once the callback is settled; the record expires
+    m.sweep()
+    check(m)
+    m.teardown()
+
+
+def test_f13_a_job_id_reborn_by_a_late_by_name_resend_is_paid_anew(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, True, None)
+    m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)
+    m.cancel(0)
+    m.tick(4000.0)  # the intake key and the record both expire: genqueue has forgotten r1
+    m.resend(0)  # the same derived id, a new job: its POST is not a second one of the first job
+    m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)
+    check(m)

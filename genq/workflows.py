@@ -38,11 +38,11 @@ class WorkflowService:
         if parent.state is JobState.PENDING:
             request = WorkflowRequest.model_validate(parent.request)
             return [SubmitLater(job_id, 0.0) for job_id in start_workflow(self.ledger, parent.id, request)]
-        if parent.state is not JobState.RUNNING:
+        if parent.state is not JobState.RUNNING or not parent.children:
             return []
-        generated = self.ledger.get(parent.children[0]) if parent.children else None
+        generated = self.ledger.get(parent.children[0])
         if generated is None:
-            return []
+            return self._fail_lost_step(parent, parent.children[0])
         return self.step_ended(generated) if generated.terminal else []
 
     def _start_upscales(self, parent: JobRecord, generated: JobRecord) -> list[Action]:
@@ -63,6 +63,9 @@ class WorkflowService:
     def _maybe_finish(self, parent: JobRecord) -> list[Action]:
         """End the workflow when its steps say so; its callback (if any) goes out then, once."""
         steps = [self.ledger.get(job_id) for job_id in parent.children]
+        for job_id, step in zip(parent.children, steps, strict=True):
+            if step is None:
+                return self._fail_lost_step(parent, job_id)
         for step in steps:
             if step is not None and step.terminal and step.state is not JobState.SUCCEEDED:
                 reason = f"step {step.kind.value} {step.id} ended {step.state.value}: {step.error}"
@@ -84,6 +87,17 @@ class WorkflowService:
         if not self.ledger.transition(parent.id, [JobState.RUNNING], JobState.SUCCEEDED, error=None).ok:
             return []
         log.info("workflow %s succeeded with %d upscaled files", parent.id, len(outputs))
+        return self._notify(parent)
+
+    def _fail_lost_step(self, parent: JobRecord, step_id: str) -> list[Action]:
+        """A step's record is gone (it ended, and its TTL ran out before the workflow heard of it: the
+        hook was lost and no sweep ran for a whole job TTL). Its outcome and files are unknown, so the
+        workflow cannot finish; it ends failed, saying why, rather than running for ever."""
+        reason = f"step {step_id} expired before the workflow saw it end; its outcome is unknown"
+        moved = self.ledger.transition(parent.id, [JobState.RUNNING], JobState.FAILED, error=reason)
+        if not moved.ok:
+            return []
+        log.error("workflow %s failed: %s", parent.id, reason)
         return self._notify(parent)
 
     def _notify(self, parent: JobRecord) -> list[Action]:

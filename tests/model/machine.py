@@ -651,6 +651,9 @@ class GenqMachine(RuleBasedStateMachine):
 
     def fail(self, name: str, message: str) -> None:
         self.failed = True
+        full = os.environ.get("GENQ_MODEL_TRACE")  # a file for the whole trace of a failure
+        if full:
+            Path(full).write_text("\n".join(self.trace) + "\n")
         lines = self.trace if len(self.trace) <= 120 else [*self.trace[:60], "...", *self.trace[-60:]]
         tail = "\n".join(lines)
         raise InvariantBroken(f"{name}: {message}\n--- steps (fake time since start) ---\n{tail}")
@@ -881,6 +884,15 @@ def check_i1_all_end(m: GenqMachine) -> None:
             m.fail("I1 every job ends", f"job {job_id} ended {rec.state.value} without a reason")
 
 
+def check_i1_only_ended_records_expire(m: GenqMachine) -> None:
+    """I1 (every step): a record leaves Redis only after its job ended; a live job whose record
+    expired would be lost without a trace."""
+    for job_id in m.expired:
+        last = m.known.get(job_id)
+        if last is not None and not last.terminal:
+            m.fail("I1 every job ends", f"the record of {job_id} expired while {last.state.value}")
+
+
 def check_i4_parked_released(m: GenqMachine) -> None:
     """I4 (after quiesce): no job is still parked on a model that has ended (ready, failed, timed out),
     and a model's parked set is empty once it ended."""
@@ -898,8 +910,8 @@ def check_i4_parked_released(m: GenqMachine) -> None:
 
 def check_i5_callbacks(m: GenqMachine) -> None:
     """I5 (after quiesce): every job submitted with a callback had it delivered, and the last delivery
-    carries the job's final state and reason (a job's record expiring first is a lost callback). Every
-    delivery reports a terminal state. A callback given up after ``callbacks.max_attempts`` failed
+    carries the job's final state and reason, under the delivery id of this ending (a job's record
+    expiring first is a lost callback). Every delivery reports a terminal state. A callback given up after ``callbacks.max_attempts`` failed
     attempts (``callback_failed``, documented) is accepted, also once its record has expired (its TTL
     starts when the callback is settled)."""
     by_job: dict[str, list[dict[str, Any]]] = {}
@@ -916,6 +928,10 @@ def check_i5_callbacks(m: GenqMachine) -> None:
             # ``known`` holds its state when it did.
             continue
         got = by_job.get(job_id, [])
+        if rec.callback_id:
+            # Only a delivery of this ending counts: not one of an earlier ending (before a
+            # resubmit) or of an earlier job that had the same id (a reborn by-name id).
+            got = [sent for sent in got if sent["delivery_id"] == rec.callback_id]
         if not got:
             where = "record expired" if job_id in m.expired else f"callback_state={rec.callback_state}"
             m.fail(
@@ -931,6 +947,7 @@ def check_i5_callbacks(m: GenqMachine) -> None:
 
 
 STEP_CHECKS = [
+    ("I1", check_i1_only_ended_records_expire),
     ("I2", check_i2_one_paid_post),
     ("I3", check_i3_bounded_messages),
     ("I6", check_i6_whole_files),

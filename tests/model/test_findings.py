@@ -182,3 +182,14 @@ def test_f13_a_job_id_reborn_by_a_late_by_name_resend_is_paid_anew(m: GenqMachin
     m.resend(0)  # the same derived id, a new job: its POST is not a second one of the first job
     m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)
     check(m)
+
+
+def test_f14_a_workflow_ends_when_its_step_record_expired_before_the_hook_ran(m: GenqMachine) -> None:
+    m.submit("workflow", 1, False, True, False, None)
+    # The generate step is refused (404): the step ends failed, then the worker dies before the
+    # workflow's step-ended hook runs, and the redelivered message is lost too.
+    m.crash(first(m, "SubmitLater"), 4, True, "404")
+    m.lose(first(m, "SubmitLater"))
+    m.tick(4000.0)  # no sweep for longer than the job TTL: the ended step's record expires
+    m.sweep()
+    finish(m)

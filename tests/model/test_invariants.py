@@ -15,8 +15,9 @@ exactly, but shrinking is capped by wall-clock time, so a failure may shrink a l
 A failure prints the shrunk step sequence twice: hypothesis' ``state.<rule>(…)`` program, and the
 model's own trace with fake times and the messages each step produced. It also prints a
 ``@reproduce_failure('<version>', b'<blob>')`` line: pass the blob as ``GENQ_MODEL_REPRODUCE=<blob>``
-(with the same GENQ_MODEL_SKIP/OFF) to replay exactly that example. ``GENQ_MODEL_SKIP`` and
-``GENQ_MODEL_OFF`` (see machine.py) look past a known failure.
+(with the same GENQ_MODEL_SKIP/OFF) to replay exactly that example; ``GENQ_MODEL_TRACE=<file>`` writes
+the whole trace of a failure there (the printed one keeps its first and last 60 lines).
+``GENQ_MODEL_SKIP`` and ``GENQ_MODEL_OFF`` (see machine.py) look past a known failure.
 
 Against another checkout (the branch lives in the same repository)::
 

@@ -911,9 +911,9 @@ def check_i4_parked_released(m: GenqMachine) -> None:
 def check_i5_callbacks(m: GenqMachine) -> None:
     """I5 (after quiesce): every job submitted with a callback had it delivered, and the last delivery
     carries the job's final state and reason, under the delivery id of this ending (a job's record
-    expiring first is a lost callback). Every delivery reports a terminal state. A callback given up after ``callbacks.max_attempts`` failed
-    attempts (``callback_failed``, documented) is accepted, also once its record has expired (its TTL
-    starts when the callback is settled)."""
+    expiring first is a lost callback). Every delivery reports a terminal state. A callback given up
+    after ``callbacks.max_attempts`` failed attempts (``callback_failed``, documented) is accepted,
+    also once its record has expired (its TTL starts when the callback is settled)."""
     by_job: dict[str, list[dict[str, Any]]] = {}
     for sent in m.sink.sent:
         by_job.setdefault(sent.record["id"], []).append(sent.record)

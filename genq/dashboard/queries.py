@@ -16,10 +16,10 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -27,6 +27,8 @@ from genq import keys
 from genq.ledger import JobEvent, as_text
 from genq.netguard import redact_url
 from genq.schemas import JobRecord, JobState, ModelRecord, OutputFile
+
+T = TypeVar("T")
 
 PAGE_MAX = 200
 SCAN_BUDGET = 10_000
@@ -182,32 +184,19 @@ class Queries:
             rows = self._summaries(ids)
             end = len(ids) < limit
             return {"jobs": rows, "next": None if end else offset + limit, "scanned": len(ids)}
-        found: list[str] = []
-        cursor = offset
-        scanned = 0
-        end = False
-        deadline = time.monotonic() + SCAN_SECONDS
-        while len(found) < limit and scanned < SCAN_BUDGET and (not scanned or time.monotonic() < deadline):
-            ids = [as_text(i) for i in self.redis.zrevrange(keys.JOBS, cursor, cursor + SCAN_CHUNK - 1)]
-            if not ids:
-                end = True
-                break
+
+        def matching(ids: list[str]) -> list[tuple[int, str]]:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hmget(keys.job(job_id), "state", "kind", "model_id")
-            for i, (job_id, (state, kind, model)) in enumerate(zip(ids, pipe.execute(), strict=True)):
-                if state is not None and filt.match(as_text(state), as_text(kind), as_text(model)):
-                    found.append(job_id)
-                    if len(found) >= limit:
-                        cursor += i + 1
-                        break
-            else:
-                cursor += len(ids)
-                if len(ids) < SCAN_CHUNK:
-                    end = True
-                    break
-            scanned += len(ids)
-        return {"jobs": self._summaries(found), "next": None if end else cursor, "scanned": scanned}
+            return [
+                (i, job_id)
+                for i, (job_id, (state, kind, model)) in enumerate(zip(ids, pipe.execute(), strict=True))
+                if state is not None and filt.match(as_text(state), as_text(kind), as_text(model))
+            ]
+
+        found, cursor, scanned = self._scan(offset, limit, matching)
+        return {"jobs": self._summaries(found), "next": cursor, "scanned": scanned}
 
     def _summaries(self, ids: list[str]) -> list[dict[str, Any]]:
         pipe = self.redis.pipeline(transaction=False)
@@ -334,44 +323,55 @@ class Queries:
         """Finished jobs with outputs, newest first: a page of at most ``limit`` jobs, scanning at most
         :data:`SCAN_BUDGET` ids (``next``: where to go on from)."""
         limit = max(1, min(limit, 100))
-        items: list[dict[str, Any]] = []
-        cursor = max(0, offset)
-        scanned = 0
-        end = False
-        deadline = time.monotonic() + SCAN_SECONDS
-        while len(items) < limit and scanned < SCAN_BUDGET and (not scanned or time.monotonic() < deadline):
-            ids = [as_text(i) for i in self.redis.zrevrange(keys.JOBS, cursor, cursor + SCAN_CHUNK - 1)]
-            if not ids:
-                end = True
-                break
+
+        def finished(ids: list[str]) -> list[tuple[int, dict[str, Any]]]:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hget(keys.job(job_id), "state")
-            done = {j for j, state in zip(ids, pipe.execute(), strict=True) if as_text(state) == "succeeded"}
-            records = {r.id: r for r in self._records([j for j in ids if j in done])}
-            scanned += len(ids)
-            for position, job_id in enumerate(ids):
-                rec = records.get(job_id)
-                if rec is None or not rec.outputs:
-                    continue
-                items.append(
+            done = [j for j, state in zip(ids, pipe.execute(), strict=True) if as_text(state) == "succeeded"]
+            records = {r.id: r for r in self._records(done)}
+            return [
+                (
+                    position,
                     {
                         "id": rec.id,
                         "kind": rec.kind.value,
                         "finished_at": rec.finished_at,
                         "prompt": summary(rec)["prompt"],
                         "outputs": [output_view(o) for o in rec.outputs],
-                    }
+                    },
                 )
-                if len(items) >= limit:
-                    cursor += position + 1
-                    break
-            else:
-                cursor += len(ids)
-                if len(ids) < SCAN_CHUNK:
-                    end = True
-                    break
-        return {"items": items, "next": None if end else cursor}
+                for position, rec in ((i, records.get(j)) for i, j in enumerate(ids))
+                if rec is not None and rec.outputs
+            ]
+
+        items, cursor, _ = self._scan(offset, limit, finished)
+        return {"items": items, "next": cursor}
+
+    def _scan(
+        self, offset: int, limit: int, pick: Callable[[list[str]], list[tuple[int, T]]]
+    ) -> tuple[list[T], int | None, int]:
+        """Walk the job index newest first from ``offset``, :data:`SCAN_CHUNK` ids at a time, keeping
+        what ``pick`` takes from each chunk (position in the chunk, item), until ``limit`` items,
+        :data:`SCAN_BUDGET` ids or :data:`SCAN_SECONDS`. Returns the items, where to go on from (None
+        at the end of the index) and how many ids were read."""
+        found: list[T] = []
+        cursor = max(0, offset)
+        scanned = 0
+        deadline = time.monotonic() + SCAN_SECONDS
+        while len(found) < limit and scanned < SCAN_BUDGET and (not scanned or time.monotonic() < deadline):
+            ids = [as_text(i) for i in self.redis.zrevrange(keys.JOBS, cursor, cursor + SCAN_CHUNK - 1)]
+            if not ids:
+                return found, None, scanned
+            scanned += len(ids)
+            for position, item in pick(ids):
+                found.append(item)
+                if len(found) >= limit:
+                    return found, cursor + position + 1, scanned
+            cursor += len(ids)
+            if len(ids) < SCAN_CHUNK:
+                return found, None, scanned
+        return found, cursor, scanned
 
     def _records(self, ids: list[str]) -> list[JobRecord]:
         pipe = self.redis.pipeline(transaction=False)

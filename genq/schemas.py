@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -252,13 +252,22 @@ class UpstreamJob(BaseModel):
     @classmethod
     def from_payload(cls, payload: Any) -> UpstreamJob:
         """Parse ``{"result": {...}}`` or a bare ``{...}``; raise :class:`ProtocolError` otherwise."""
-        body = payload.get("result", payload) if isinstance(payload, dict) else payload
-        if not isinstance(body, dict):
-            raise ProtocolError(f"expected a JSON object, got {type(body).__name__}")
-        try:
-            return cls.model_validate(body)
-        except ValueError as exc:
-            raise ProtocolError(f"unexpected job payload: {_first_error(exc)}") from None
+        return _parse_result(cls, payload, "job")
+
+
+_Result = TypeVar("_Result", bound=BaseModel)
+
+
+def _parse_result(model: type[_Result], payload: Any, what: str) -> _Result:
+    """The upstream wraps its answers in ``{"result": {...}}`` (or not): either way one object, or a
+    :class:`ProtocolError` naming what was wrong with it."""
+    body = payload.get("result", payload) if isinstance(payload, dict) else payload
+    if not isinstance(body, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValueError as exc:
+        raise ProtocolError(f"unexpected {what} payload: {_first_error(exc)}") from None
 
 
 def _first_error(exc: ValueError) -> str:
@@ -400,13 +409,7 @@ class UpstreamModel(BaseModel):
 
     @classmethod
     def from_payload(cls, payload: Any) -> UpstreamModel:
-        body = payload.get("result", payload) if isinstance(payload, dict) else payload
-        if not isinstance(body, dict):
-            raise ProtocolError(f"expected a JSON object, got {type(body).__name__}")
-        try:
-            return cls.model_validate(body)
-        except ValueError as exc:
-            raise ProtocolError(f"unexpected model payload: {_first_error(exc)}") from None
+        return _parse_result(cls, payload, "model")
 
 
 class ModelRecord(BaseModel):

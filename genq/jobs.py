@@ -185,6 +185,13 @@ class JobService:
     def _unknown(self, rec: JobRecord, detail: str) -> list[Action]:
         return self._end(rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(detail))
 
+    def settle_stalled_submit(self, job_id: str) -> list[Action]:
+        """The sweeper's move for a job still ``submitting`` after its submit window: its worker died
+        mid-POST. One compare-and-set, no message: a message per sweep would pile up behind a slow
+        submit queue, and a message is not needed to end a job."""
+        rec = self.ledger.get(job_id)
+        return self._submit_found(rec) if rec is not None else []
+
     def _submit_found(self, rec: JobRecord) -> list[Action]:
         """A submit delivered for a job that is not pending: a duplicate, or a crash mid-POST."""
         current = self.ledger.get(rec.id)

@@ -77,10 +77,12 @@ class Sweeper:
             # Checked before the states: a running workflow is not a polled job.
             rec = self.ledger.get(job.id)
             return self.jobs.workflows.resume(rec) if rec is not None else []
-        if job.state in (JobState.PENDING, JobState.SUBMITTING):
-            # A submit finding the job still submitting long after its POST began marks it
-            # submit_unknown rather than paying twice.
+        if job.state is JobState.PENDING:
             return [SubmitLater(job.id, 0.0, job.gen)]
+        if job.state is JobState.SUBMITTING:
+            # Due only once its submit window has passed: the POST's worker died. It ends
+            # submit_unknown rather than paying twice (or goes back to pending, if at-least-once).
+            return self.jobs.settle_stalled_submit(job.id)
         if job.state in POLLING_STATES:
             return [PollLater(job.id, job.gen, 0.0)]
         rec = self.ledger.get(job.id)

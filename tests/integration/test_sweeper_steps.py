@@ -42,17 +42,28 @@ def test_a_pending_job_gets_a_submit_under_the_claims_new_generation(steps: Step
     assert steps.job("j1").poll_gen == 1  # the lost message's chain (gen 0) is stale now
 
 
-def test_a_submitting_job_gets_a_submit_that_finds_it_submitting(steps: Steps) -> None:
-    steps.image("j1")
+def test_a_job_left_submitting_past_its_window_ends_unknown_in_the_sweep_itself(steps: Steps) -> None:
+    steps.image("j1", callback=TASK)
     steps.ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTING, due_at=START + 40)
     _overdue(steps, 40 + GRACE)
 
     actions, seen = steps.sweeper.sweep()
 
-    assert actions == [SubmitLater("j1", 0.0, 0)] and seen == Counter({"submitting": 1})
-    assert steps.job("j1").poll_gen == 0  # not a chained state: no new generation
-    assert steps.jobs.submit("j1", 0) == []  # the POST may have gone out: never made twice
+    # No submit message (one per sweep would pile up behind a slow queue): the sweep ends it, since
+    # the POST may have gone out and is never made twice; the callback goes out with the ending.
+    assert actions == [Notify("j1")] and seen == Counter({"submitting": 1})
     assert steps.job("j1").state is JobState.SUBMIT_UNKNOWN
+    assert "stopped before recording" in (steps.job("j1").error or "")
+    assert steps.jobs.submit("j1", 0) == []
+
+
+def test_a_job_submitting_within_its_window_is_left_to_its_worker(steps: Steps) -> None:
+    steps.image("j1")
+    steps.ledger.transition("j1", [JobState.PENDING], JobState.SUBMITTING, due_at=START)
+    _overdue(steps, GRACE)  # due (the clock of the due time ran ahead), but its POST began just now
+
+    assert steps.sweeper.sweep()[0] == []
+    assert steps.job("j1").state is JobState.SUBMITTING
 
 
 @pytest.mark.parametrize("state", [JobState.SUBMITTED, JobState.RUNNING])

@@ -193,3 +193,15 @@ def test_f14_a_workflow_ends_when_its_step_record_expired_before_the_hook_ran(m:
     m.tick(4000.0)  # no sweep for longer than the job TTL: the ended step's record expires
     m.sweep()
     finish(m)
+
+
+def test_f15_a_job_left_submitting_gets_no_message_per_sweep(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, False, None)
+    m.crash(first(m, "SubmitLater"), 3, False, "401")  # moved to submitting, then died mid-POST
+    check(m)
+    assert m.records["image1"].state.value == "submitting"
+    for _ in range(5):  # sweeps while no message is delivered (a slow submit queue)
+        m.tick(90.0)
+        m.sweep()
+        check(m)
+    finish(m)

@@ -243,7 +243,8 @@ def test_sigkill_of_a_worker_holding_countdown_polls_loses_no_job(stack: Stack) 
     report("3 sigkill holding countdowns", **figures)
     # A crashed worker's held messages stay unacked (visibility timeout 1 h): only the sweeper helps.
     assert figures["swept_polls"] >= 1
-    assert figures["last_finished_after_stop"] < 3 + 0.5 + 10  # grace + sweep + new worker and the rest
+    # How soon (grace plus one sweep interval) is a wall-clock figure on a shared machine: reported
+    # above, and checked on a fake clock in test_sweeper_steps, not asserted here.
 
 
 def test_sigterm_warm_shutdown_requeues_or_sweeps_held_polls(stack: Stack) -> None:

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# make test runs the suite in this many processes: most tests wait on real workers, Redis and HTTP.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test unit chaos lint format clean help docs
 
@@ -22,7 +24,7 @@ demo: $(VENV)/.installed-dev  ## the main job on embedded defaults: private Redi
 	$(BIN)/genq demo
 
 test: $(VENV)/.installed-dev  ## the whole suite (long chaos and scale runs excluded)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 unit: $(VENV)/.installed-dev  ## the unit tests only: no services, under 30 s
 	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)

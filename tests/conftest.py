@@ -56,3 +56,19 @@ def stack(redis_server: EmbeddedRedis, simulator: SimulatorProcess, tmp_path: Pa
         raise
     finally:
         stack.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The model-based runs' seeds and sizes, at the end of every run: a worker of pytest-xdist cannot
+    print them itself, but its reports carry them (``record_property``)."""
+    lines = [
+        str(value)
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        for name, value in getattr(report, "user_properties", [])
+        if name == "model_run"
+    ]
+    if lines:
+        terminalreporter.section("model-based runs")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -32,7 +32,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,10 +89,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 CI_SEED = "20261130"
+MODEL_RUN = "model_run"
+"""The ``record_property`` name under which each run's summary line reaches the end-of-run summary."""
 
 
 def explore(
-    world: World, examples: int, steps: int, capsys: pytest.CaptureFixture[str], shrink_seconds: int
+    world: World,
+    examples: int,
+    steps: int,
+    capsys: pytest.CaptureFixture[str],
+    shrink_seconds: int,
+    record: Callable[[str, object], None],
 ) -> None:
     # A random seed on a developer's machine, to search; CI replays one known run (its gate must not
     # depend on luck), unless told otherwise. Either way the seed is printed.
@@ -139,23 +146,31 @@ def explore(
         uuid.uuid4 = real_uuid4
         engine.MAX_SHRINKING_SECONDS = shrink_limit
         quiet.setLevel(level)
+        line = (
+            f"[model] GENQ_MODEL_SEED={run_seed}: {STATS.examples - before[0]} examples, "
+            f"{STATS.steps - before[1]} steps, {STATS.deliveries} deliveries "
+            f"(+{STATS.quiesce_deliveries} in quiesce), {STATS.jobs} jobs in "
+            f"{time.monotonic() - started:.1f}s; answers {dict(STATS.outcomes)}; "
+            f"end states {dict(STATS.end_states)}"
+        )
         with capsys.disabled():
-            print(
-                f"\n[model] GENQ_MODEL_SEED={run_seed}: {STATS.examples - before[0]} examples, "
-                f"{STATS.steps - before[1]} steps, {STATS.deliveries} deliveries "
-                f"(+{STATS.quiesce_deliveries} in quiesce), {STATS.jobs} jobs in "
-                f"{time.monotonic() - started:.1f}s; answers {dict(STATS.outcomes)}; "
-                f"end states {dict(STATS.end_states)}"
-            )
+            print("\n" + line)
+        # Also for the end-of-run summary (tests/conftest.py), which pytest-xdist's workers reach.
+        record(MODEL_RUN, line)
 
 
-def test_every_invariant_holds(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_invariant_holds(
+    world: World, capsys: pytest.CaptureFixture[str], record_property: Callable[[str, object], None]
+) -> None:
     examples = int(os.environ.get("GENQ_MODEL_EXAMPLES", "120"))
-    explore(world, min(examples, 200), int(os.environ.get("GENQ_MODEL_STEPS", "40")), capsys, 20)
+    steps = int(os.environ.get("GENQ_MODEL_STEPS", "40"))
+    explore(world, min(examples, 200), steps, capsys, 20, record_property)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(os.environ.get("GENQ_MODEL_TIMEOUT", "7200")))  # pyproject's 300 s is too short
-def test_every_invariant_holds_long(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_invariant_holds_long(
+    world: World, capsys: pytest.CaptureFixture[str], record_property: Callable[[str, object], None]
+) -> None:
     examples = int(os.environ.get("GENQ_MODEL_EXAMPLES", "600"))
-    explore(world, examples, int(os.environ.get("GENQ_MODEL_STEPS", "80")), capsys, 300)
+    explore(world, examples, int(os.environ.get("GENQ_MODEL_STEPS", "80")), capsys, 300, record_property)

@@ -65,7 +65,9 @@ def test_readme_is_a_front_door() -> None:
 def test_ci_runs_lint_then_the_readmes_test_command() -> None:
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci.index("make lint") < ci.index("make test")
-    assert re.search(r"^test: .*\n\t\$\(BIN\)/pytest -m \"not slow\"", (ROOT / "Makefile").read_text(), re.M)
+    # The whole suite but the slow runs, nothing narrower (the workers flag only spreads it).
+    test = r"^test: .*\n\t\$\(BIN\)/pytest -n \$\(TEST_WORKERS\) -m \"not slow\" \$\(PYTEST_ARGS\)$"
+    assert re.search(test, (ROOT / "Makefile").read_text(), re.M)
 
 
 def test_every_phony_target_says_what_it_does_in_make_help() -> None:

@@ -44,7 +44,7 @@ _RECEIVED = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProc
 
 def run(ctx: Context) -> BenchResult:
     files = ctx.size(8, 40)
-    size_mb = ctx.size(20, 50)
+    size_mb = ctx.size(10, 50)
     rounds = ctx.size(2, 5)
     result = BenchResult(NAME, "Downloads vs requests doing the same integrity work")
     result.size = {
@@ -52,7 +52,7 @@ def run(ctx: Context) -> BenchResult:
         "mb_each": size_mb,
         "threads": THREADS,
         "rounds": rounds,
-        "warm_up": True,
+        "warm_up": not ctx.quick,
         "chunk_bytes": 256 * 1024,
         "throttled_bytes_per_s_per_connection": THROTTLE,
     }
@@ -61,8 +61,9 @@ def run(ctx: Context) -> BenchResult:
     )
     with stack(sim, ctx.workdir / NAME, NAME) as s:
         side = _Downloads(ctx, s, files)
-        ctx.log(f"{NAME}: warm-up round (not counted)")
-        side.rounds(1, "integrity")
+        if not ctx.quick:
+            ctx.log(f"{NAME}: warm-up round (not counted)")
+            side.rounds(1, "integrity")
         ctx.log(f"{NAME}: {rounds} rounds of {files} x {size_mb} MB vs requests + sha256 + fsync + rename")
         fair = side.rounds(rounds, "integrity")
         s.sim.configure(file_rate_limit=THROTTLE)

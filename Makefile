@@ -43,10 +43,10 @@ $(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
 
 .PHONY: bench bench-quick
 BENCH_ARGS ?=
-bench: $(VENV)/.installed-bench  ## every benchmark against its baseline, full size (up to ~20 min); JSON + PNG in bench-results/
+bench: $(VENV)/.installed-bench  ## every benchmark against its baseline, full size (~30 min on a loaded 2-vCPU machine); JSON + PNG in bench-results/
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
-bench-quick: $(VENV)/.installed-bench  ## every benchmark at a small size (under 2 min)
+bench-quick: $(VENV)/.installed-bench  ## every benchmark at a small size (3-4 min on a loaded 2-vCPU machine)
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 docs: $(VENV)/.installed-dev  ## rewrite docs/settings.md from genq/settings.py (a unit test checks it)

@@ -58,7 +58,7 @@ def default_out(quick: bool) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="every benchmark at a small size (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="every benchmark at a small size")
     parser.add_argument("--only", default="", help="comma-separated benchmark names (see --list)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench-results/...)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")

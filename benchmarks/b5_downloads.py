@@ -1,12 +1,17 @@
 """5. Downloads: N files of S MB from the simulator with the download pool's concurrency (threads 8).
 
-genqueue: the jobs are first brought to ``downloading`` (submit + poll workers only), then the download
-worker (``-Q download -P threads -c 8``, the project's default pool) starts and streams every file with
-all safety checks on (scheme and address checks, content type, byte cap, wall-clock limit, sha256,
-fsync, atomic rename). Timed from the first download task received (worker log) to the last job
-finished; the worker's RSS is sampled every 50 ms. Baseline: plain ``requests`` streaming the same
-files with 8 threads to disk in its own process (256 KiB chunks, no checks, no hash, no fsync).
-Rounds alternate baseline, genqueue; the ratio is the median of per-round throughput ratios.
+genqueue: each round's jobs are first brought to ``downloading`` (a submit + poll worker, kept for every
+round), then a download worker (``-Q download -P threads -c 8``, the project's default pool) starts and
+streams every file with all safety checks on (scheme and address checks, content type, byte cap,
+wall-clock limit, sha256, fsync, atomic rename). Timed from the first download task received (worker
+log) to the last job finished; the worker's RSS is sampled every 50 ms.
+
+Baselines, in their own process with 8 threads, RSS sampled the same way:
+- fair: ``requests`` doing the same integrity work (sha256 in the read loop, temp file, fsync, rename);
+- throttled: the simulator limited to 100 MB/s per connection (a realistic link), plain ``requests``
+  streaming to disk with nothing else.
+After a warm-up round, rounds alternate which side goes first; each ratio is the median of per-round
+throughput ratios, with its min-max.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from benchmarks.context import Context, counts, producer_for, records
 from benchmarks.harness import ROOT, RssSampler, Stack, process_rss, stack, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
-from benchmarks.stats import Goal, fmt, median, ratio
+from benchmarks.stats import Goal, fmt, median, ratio, spread
 from genq.simulator import Duration, SimConfig
 
 NAME = "downloads"
 THREADS = 8
+THROTTLE = 100_000_000  # bytes/s per connection: a realistic link to a CDN
 FAST = json.dumps(
     {"first_delay": 0.05, "interval": 0.05, "backoff": 1, "max_interval": 0.05, "jitter": 0, "deadline": 600}
 )
@@ -38,78 +44,97 @@ _RECEIVED = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProc
 
 def run(ctx: Context) -> BenchResult:
     files = ctx.size(8, 40)
-    size_mb = ctx.size(20, 50)
-    rounds = ctx.size(1, 2)
-    result = BenchResult(NAME, "Downloads vs plain requests")
+    size_mb = ctx.size(10, 50)
+    rounds = ctx.size(2, 5)
+    result = BenchResult(NAME, "Downloads vs requests doing the same integrity work")
     result.size = {
         "files": files,
         "mb_each": size_mb,
         "threads": THREADS,
         "rounds": rounds,
+        "warm_up": not ctx.quick,
         "chunk_bytes": 256 * 1024,
+        "throttled_bytes_per_s_per_connection": THROTTLE,
     }
     sim = SimConfig(
         api_key="bench-key", video_bytes=size_mb * 1_000_000, video_duration=Duration(kind="fixed", value=0.0)
     )
-    gq_runs: list[dict[str, Any]] = []
-    base_runs: list[dict[str, Any]] = []
     with stack(sim, ctx.workdir / NAME, NAME) as s:
-        for r in range(rounds):
-            ctx.log(f"{NAME}: round {r + 1}/{rounds}: genqueue, {files} x {size_mb} MB")
-            gq = _genqueue(ctx, s, files)
-            ctx.log(f"{NAME}: round {r + 1}/{rounds}: plain requests, same files")
-            base_runs.append(_plain(s, gq.pop("urls")))
-            gq_runs.append(gq)
-            s.reset()
-        ablations: dict[str, Any] = {}
-        variants: list[tuple[str, str, str]] = []
+        side = _Downloads(ctx, s, files)
         if not ctx.quick:
-            variants = [
-                ("prefork_8", "", "prefork"),
+            ctx.log(f"{NAME}: warm-up round (not counted)")
+            side.rounds(1, "integrity")
+        ctx.log(f"{NAME}: {rounds} rounds of {files} x {size_mb} MB vs requests + sha256 + fsync + rename")
+        fair = side.rounds(rounds, "integrity")
+        s.sim.configure(file_rate_limit=THROTTLE)
+        ctx.log(f"{NAME}: {rounds} rounds at {THROTTLE / 1e6:.0f} MB/s per connection vs plain requests")
+        throttled = side.rounds(rounds, "plain")
+        s.sim.configure(file_rate_limit=0)
+        ablations: dict[str, Any] = {}
+        if not ctx.quick and (fair["ratio"] or 0) < 0.9:
+            # Only worth the minutes when the fair ratio misses: what each step of genqueue's costs.
+            for label, what, pool in (
                 ("without_fsync", "fsync", "threads"),
                 ("without_sha256", "sha256", "threads"),
-            ]
-        for label, what, pool in variants:
-            ctx.log(f"{NAME}: genqueue variant {label}, then plain requests")
-            run_ = _genqueue(ctx, s, files, app="benchmarks.ablation_app", ablate=what, pool=pool)
-            plain = _plain(s, run_.pop("urls"))
-            s.reset()
-            ablations[label] = {
-                "mb_per_s": run_["mb_per_s"],
-                "plain_mb_per_s": plain["mb_per_s"],
-                "ratio": ratio(run_["mb_per_s"], plain["mb_per_s"]),
-            }
-        peak = max([r["sim_peak_rate_1s"] for r in gq_runs] or [0])
-    per_round = [ratio(g["mb_per_s"], b["mb_per_s"]) for g, b in zip(gq_runs, base_runs, strict=True)]
-    rel = median([x for x in per_round if x is not None] or [0.0])
-    gq_tp = median([g["mb_per_s"] for g in gq_runs if g["mb_per_s"]] or [0.0])
-    base_tp = median([b["mb_per_s"] for b in base_runs if b["mb_per_s"]] or [0.0])
-    gq_peak = max(g["rss_peak"] for g in gq_runs)
-    base_peak = max(b["rss_peak"] for b in base_runs)
-    gq_growth = max(g["rss_peak"] - g["rss_idle"] for g in gq_runs)
-    base_growth = max(b["rss_peak"] - b["rss_before"] for b in base_runs)
+            ):
+                ctx.log(f"{NAME}: genqueue variant {label}, then the same baseline")
+                ablations[label] = side.rounds(
+                    1, "integrity", app="benchmarks.ablation_app", ablate=what, pool=pool
+                )
+        peak = max(r["sim_peak_rate_1s"] for r in fair["gq"] + throttled["gq"])
+        side.close()
+    gq_peak = max(g["rss_peak"] for g in fair["gq"])
+    base_peak = max(b["rss_peak"] for b in fair["base"])
+    gq_growth = max(g["rss_peak"] - g["rss_idle"] for g in fair["gq"])
+    base_growth = max(b["rss_peak"] - b["rss_before"] for b in fair["base"])
     result.figures = {
-        "runs": gq_runs,
-        "mb_per_s": gq_tp,
+        "runs": fair["gq"],
+        "mb_per_s": fair["gq_mb_per_s"],
+        "throttled_runs": throttled["gq"],
+        "throttled_mb_per_s": throttled["gq_mb_per_s"],
         "rss_peak": gq_peak,
         "rss_growth": gq_growth,
-        "ablations": ablations,
+        "ablations": {
+            k: {x: v[x] for x in ("gq_mb_per_s", "base_mb_per_s", "ratio")} for k, v in ablations.items()
+        },
     }
     result.baseline = {
-        "runs": base_runs,
-        "mb_per_s": base_tp,
+        "runs": fair["base"],
+        "mb_per_s": fair["base_mb_per_s"],
+        "what": "requests, 8 threads, sha256 in the read loop, temp file, fsync, rename",
+        "throttled_runs": throttled["base"],
+        "throttled_mb_per_s": throttled["base_mb_per_s"],
+        "throttled_what": "plain requests, 8 threads, to disk, nothing else",
         "rss_peak": base_peak,
         "rss_growth": base_growth,
     }
-    result.ratios = {"throughput": rel, "per_round": per_round, "rss_growth": ratio(gq_growth, base_growth)}
-    bad = [g for g in gq_runs if g["succeeded"] < files or not g["sha_ok"]]
+    result.ratios = {
+        "throughput": fair["ratio"],
+        "throughput_spread": fair["spread"],
+        "per_round": fair["per_round"],
+        "throttled": throttled["ratio"],
+        "throttled_spread": throttled["spread"],
+        "throttled_per_round": throttled["per_round"],
+        "rss_growth": ratio(gq_growth, base_growth),
+    }
+    bad = [g for g in fair["gq"] + throttled["gq"] if g["succeeded"] < files or not g["sha_ok"]]
     why = f"{files - bad[0]['succeeded']} downloads failed or a sha256 mismatched" if bad else ""
-    if not why and rel is not None and rel < 0.8:
-        why = "genqueue hashes (sha256) and fsyncs every file" + "".join(
-            f"; {k.replace('_', ' ')}: {fmt(v['ratio'])}x plain" for k, v in ablations.items()
-        )
+    if not why and ablations:
+        why = "; ".join(f"{k.replace('_', ' ')}: {fmt(v['ratio'])}x" for k, v in ablations.items())
     met = result.check(
-        Goal("download throughput >= 0.8x plain requests", "throughput ratio", ">=", 0.8), rel, why
+        Goal(
+            "download throughput >= 0.9x requests doing sha256 + fsync + rename",
+            "throughput ratio",
+            ">=",
+            0.9,
+        ),
+        fair["ratio"],
+        why,
+    )
+    met_thr = result.check(
+        Goal("at 100 MB/s per connection: >= 0.95x plain requests", "throttled ratio", ">=", 0.95),
+        throttled["ratio"],
+        why,
     )
     bound = 64 * 1024 * 1024
     met_mem = result.check(
@@ -122,12 +147,31 @@ def run(ctx: Context) -> BenchResult:
         float(gq_growth),
     )
     result.rows = [
-        Row("MB/s (median of rounds)", gq_tp, base_tp, rel, "MB/s", ">= 0.8x", met),
+        Row(
+            "MB/s vs requests+sha256+fsync+rename",
+            fair["gq_mb_per_s"],
+            fair["base_mb_per_s"],
+            fair["ratio"],
+            "MB/s",
+            ">= 0.9x",
+            met,
+            fair["spread"],
+        ),
+        Row(
+            f"MB/s at {THROTTLE / 1e6:.0f} MB/s/conn vs plain requests",
+            throttled["gq_mb_per_s"],
+            throttled["base_mb_per_s"],
+            throttled["ratio"],
+            "MB/s",
+            ">= 0.95x",
+            met_thr,
+            throttled["spread"],
+        ),
         *[
-            Row(f"variant: {k.replace('_', ' ')}", v["mb_per_s"], v["plain_mb_per_s"], v["ratio"], "MB/s")
+            Row(f"variant: {k.replace('_', ' ')}", v["gq_mb_per_s"], v["base_mb_per_s"], v["ratio"], "MB/s")
             for k, v in ablations.items()
         ],
-        Row("peak RSS (download worker / plain process)", gq_peak / 1e6, base_peak / 1e6, unit="MB"),
+        Row("peak RSS (download worker / baseline process)", gq_peak / 1e6, base_peak / 1e6, unit="MB"),
         Row(
             "RSS growth while downloading",
             gq_growth / 1e6,
@@ -141,62 +185,115 @@ def run(ctx: Context) -> BenchResult:
     ]
     result.chart = [
         ChartItem(
-            "throughput", f"5 downloads: MB/s ({files} x {size_mb} MB, 8 threads)", gq_tp, base_tp, "MB/s"
+            "throughput",
+            f"5 downloads: MB/s ({files} x {size_mb} MB, 8 threads)",
+            fair["gq_mb_per_s"],
+            fair["base_mb_per_s"],
+            "MB/s",
         )
     ]
     return result
 
 
-def _genqueue(
-    ctx: Context, s: Stack, files: int, app: str = "genq.worker", ablate: str = "", pool: str = "threads"
-) -> dict[str, Any]:
-    s.worker(queues=["submit", "poll"], concurrency=2, env=ENV)
-    producer = producer_for(s, ENV)
-    ids = [producer.submit_video(f"download {i}", duration=5).id for i in range(files)]
-    producer.close()
-    staged = wait_until(lambda: counts(s.redis).get("video:downloading", 0) >= files, timeout=60)
-    if not staged:
-        ctx.log(f"{NAME}: only {counts(s.redis)} after 60 s")
-    worker = s.worker(
-        queues=["download"],
-        pool=pool,
-        concurrency=THREADS,
-        env={**ENV, "BENCH_ABLATE": ablate},
-        app=app,
-        start=False,
-    )
-    started = time.time()
-    worker.start()
-    idle = process_rss(worker.pid)
-    with RssSampler([worker.pid]) as sampler:
-        done = wait_until(
-            lambda: counts(s.redis).get("video:succeeded", 0) >= files, timeout=600, interval=0.05
+class _Downloads:
+    """The genqueue side (a submit + poll worker kept for every round, a download worker per round)
+    and the baseline process, on one stack, round after round."""
+
+    def __init__(self, ctx: Context, s: Stack, files: int) -> None:
+        self.ctx = ctx
+        self.s = s
+        self.files = files
+        self.done = 0
+        self.stager = s.worker(queues=["submit", "poll"], concurrency=2, env=ENV)
+        self.producer = producer_for(s, ENV)
+        self.round_no = 0
+
+    def close(self) -> None:
+        self.producer.close()
+
+    def rounds(
+        self, rounds: int, baseline: str, app: str = "genq.worker", ablate: str = "", pool: str = "threads"
+    ) -> dict[str, Any]:
+        gq_runs: list[dict[str, Any]] = []
+        base_runs: list[dict[str, Any]] = []
+        for _ in range(rounds):
+            ids, urls = self._stage()
+            # Alternate who goes first, so a drift in the machine's load favours neither side.
+            first_gq = self.round_no % 2 == 1
+            self.round_no += 1
+            if first_gq:
+                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool))
+                base_runs.append(_plain(self.s, urls, baseline))
+            else:
+                base_runs.append(_plain(self.s, urls, baseline))
+                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool))
+        per_round = [ratio(g["mb_per_s"], b["mb_per_s"]) for g, b in zip(gq_runs, base_runs, strict=True)]
+        valid = [x for x in per_round if x is not None]
+        return {
+            "gq": gq_runs,
+            "base": base_runs,
+            "per_round": per_round,
+            "ratio": median(valid) if valid else None,
+            "spread": spread(valid),
+            "gq_mb_per_s": median([g["mb_per_s"] for g in gq_runs if g["mb_per_s"]] or [0.0]),
+            "base_mb_per_s": median([b["mb_per_s"] for b in base_runs if b["mb_per_s"]] or [0.0]),
+            "ratio_of_medians_note": "ratio is the median of per-round ratios, not of the medians",
+        }
+
+    def _stage(self) -> tuple[list[str], list[str]]:
+        """Bring a round's jobs to ``downloading`` (no download worker runs yet) and return their URLs."""
+        s = self.s
+        ids = [self.producer.submit_video(f"download {i}", duration=5).id for i in range(self.files)]
+        if not wait_until(lambda: counts(s.redis).get("video:downloading", 0) >= self.files, timeout=60):
+            self.ctx.log(f"{NAME}: only {counts(s.redis)} after 60 s")
+        recs = records(s.redis, ids)
+        urls = [f"{s.sim.url}/files/{r.upstream_id}/0.mp4?token={s.sim.config.file_token}" for r in recs]
+        return ids, urls
+
+    def _genqueue(self, ids: list[str], urls: list[str], app: str, ablate: str, pool: str) -> dict[str, Any]:
+        s = self.s
+        s.sim.reset_stats()
+        worker = s.worker(
+            queues=["download"],
+            pool=pool,
+            concurrency=THREADS,
+            env={**ENV, "BENCH_ABLATE": ablate},
+            app=app,
+            start=False,
         )
-    recs = records(s.redis, ids)
-    ok = [r for r in recs if r.state.value == "succeeded"]
-    first = _first_received(worker.log_path.read_text(errors="replace")) or started
-    last = max((r.finished_at or 0) for r in ok) if ok else None
-    total = sum(o.bytes for r in ok for o in r.outputs)
-    seconds = (last - first) if last else None
-    sha_ok = _check_sha(s, ok[:2])
-    urls = [f"{s.sim.url}/files/{r.upstream_id}/0.mp4?token={s.sim.config.file_token}" for r in recs]
-    peak_rate = s.sim.stats(include_jobs=False)["max_rate_1s"]
-    s.stop_processes()
-    shutil.rmtree(s.download_dir, ignore_errors=True)
-    return {
-        "files": files,
-        "succeeded": len(ok),
-        "all_succeeded": done,
-        "bytes": total,
-        "seconds": seconds,
-        "mb_per_s": total / 1e6 / seconds if seconds else None,
-        "rss_idle": idle,
-        "rss_peak": max(sampler.peak, idle),
-        "rss_samples": sampler.samples,
-        "sha_ok": sha_ok,
-        "sim_peak_rate_1s": peak_rate,
-        "urls": urls,
-    }
+        started = time.time()
+        worker.start()
+        idle = process_rss(worker.pid)
+        target = self.done + self.files
+        with RssSampler([worker.pid]) as sampler:
+            done = wait_until(
+                lambda: counts(s.redis).get("video:succeeded", 0) >= target, timeout=600, interval=0.05
+            )
+        self.done = target
+        recs = records(s.redis, ids)
+        ok = [r for r in recs if r.state.value == "succeeded"]
+        first = _first_received(worker.log_path.read_text(errors="replace")) or started
+        last = max((r.finished_at or 0) for r in ok) if ok else None
+        total = sum(o.bytes for r in ok for o in r.outputs)
+        seconds = (last - first) if last else None
+        sha_ok = _check_sha(s, ok[:2])
+        peak_rate = s.sim.stats(include_jobs=False)["max_rate_1s"]
+        worker.stop()
+        s.processes.remove(worker)
+        shutil.rmtree(s.download_dir, ignore_errors=True)
+        return {
+            "files": self.files,
+            "succeeded": len(ok),
+            "all_succeeded": done,
+            "bytes": total,
+            "seconds": seconds,
+            "mb_per_s": total / 1e6 / seconds if seconds else None,
+            "rss_idle": idle,
+            "rss_peak": max(sampler.peak, idle),
+            "rss_samples": sampler.samples,
+            "sha_ok": sha_ok,
+            "sim_peak_rate_1s": peak_rate,
+        }
 
 
 def _first_received(log: str) -> float | None:
@@ -215,19 +312,29 @@ def _check_sha(s: Stack, recs: list[Any]) -> bool:
     return True
 
 
-def _plain(s: Stack, urls: list[str]) -> dict[str, Any]:
+def _plain(s: Stack, urls: list[str], mode: str) -> dict[str, Any]:
     out_dir = s.workdir / "plain"
     urls_file = s.workdir / "urls.json"
     urls_file.write_text(json.dumps(urls))
-    answer = subprocess.run(
-        [sys.executable, "-m", "benchmarks.plain_download", str(urls_file), str(out_dir), str(THREADS)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.plain_download",
+        str(urls_file),
+        str(out_dir),
+        str(THREADS),
+        mode,
+    ]
+    popen = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The same RSS sampler as genqueue's side, so both pay for one in the harness.
+    with RssSampler([popen.pid]) as sampler:
+        stdout, stderr = popen.communicate(timeout=600)
     shutil.rmtree(out_dir, ignore_errors=True)
-    data: dict[str, Any] = json.loads(answer.stdout.strip().splitlines()[-1])
+    if popen.returncode:
+        raise RuntimeError(f"plain_download failed: {stderr[-2000:]}")
+    data: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    data["mode"] = mode
+    data["rss_samples"] = sampler.samples
+    data["rss_peak"] = max(data["rss_peak"], sampler.peak)
     data["mb_per_s"] = data["bytes"] / 1e6 / data["seconds"] if data["seconds"] else None
     return data

@@ -182,6 +182,7 @@ def hold(job: str) -> None:
 @app.task(name="bench.train_blocking")
 def train_blocking(model_id: str, interval: float) -> None:
     clients = _clients()
+    started = time.time()  # from here to the end the task holds its worker slot
     answer = clients.api.get(f"{_api()}/models/{model_id}/train", timeout=30)
     answer.raise_for_status()
     calls = 1
@@ -192,6 +193,7 @@ def train_blocking(model_id: str, interval: float) -> None:
         if result["status"] in ("ready", "failed"):
             break
     clients.redis.hset(
-        "bench:train", mapping={"calls": calls, "seen_at": time.time(), "status": result["status"]}
+        "bench:train",
+        mapping={"calls": calls, "started_at": started, "seen_at": time.time(), "status": result["status"]},
     )
     _done(model_id)

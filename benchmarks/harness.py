@@ -327,6 +327,50 @@ def tree_rss(pids: Sequence[int], kind: str = "rss") -> int:
     return total
 
 
+def tree_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes and all their descendants.
+
+    Read before and after a timed run, the difference is what the run cost those processes; pool
+    children live for the whole run, so nothing they used is lost with a reaped child."""
+    import psutil
+
+    seen: set[int] = set()
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+# The harness's own queries, not the system's work.
+_HARNESS_COMMANDS = frozenset({"info", "config|get", "config|set", "monitor", "flushall", "dbsize"})
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since Redis started (``INFO commandstats``), those run inside Lua scripts
+    included: the difference of two readings is everything a run made Redis do."""
+    out: dict[str, int] = {}
+    for key, value in client.info("commandstats").items():
+        name = str(key).removeprefix("cmdstat_")
+        if name not in _HARNESS_COMMANDS:
+            out[name] = int(value["calls"])
+    return out
+
+
+def calls_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+
 def process_rss(pid: int) -> int:
     import psutil
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.stats import Goal, fmt
+from benchmarks.stats import Goal, fmt, fmt_spread
 
 SCHEMA_VERSION = 1
 
@@ -27,6 +27,8 @@ class Row:
     unit: str = ""
     goal: str = ""
     met: bool | None = None
+    # (min, max) of the ratio over rounds: a ratio without its spread hides how noisy the run was.
+    spread: tuple[float, float] | None = None
 
 
 @dataclass
@@ -47,7 +49,7 @@ class BenchResult:
     size: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
-    ratios: dict[str, float | None] = field(default_factory=dict)
+    ratios: dict[str, Any] = field(default_factory=dict)
     goals: list[dict[str, Any]] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
     chart: list[ChartItem] = field(default_factory=list)
@@ -108,7 +110,7 @@ def write_json(doc: dict[str, Any], path: Path) -> None:
 
 def table(results: list[BenchResult]) -> str:
     """A plain-text table: one line per figure, then each goal with its verdict."""
-    header = ("benchmark", "figure", "genqueue", "baseline", "ratio", "goal", "met")
+    header = ("benchmark", "figure", "genqueue", "baseline", "ratio (min-max)", "goal", "met")
     lines: list[tuple[str, ...]] = []
     for result in results:
         if result.error is not None:
@@ -122,7 +124,9 @@ def table(results: list[BenchResult]) -> str:
                     row.figure,
                     fmt(row.value) + unit,
                     fmt(row.baseline) + (unit if row.baseline is not None else ""),
-                    fmt(row.ratio) + ("x" if row.ratio is not None else ""),
+                    fmt(row.ratio)
+                    + ("x" if row.ratio is not None else "")
+                    + (f" ({fmt_spread(row.spread)})" if row.spread else ""),
                     row.goal,
                     "" if row.met is None else ("yes" if row.met else "NO"),
                 )

@@ -55,6 +55,21 @@ def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50)
 
 
+def spread(values: Iterable[float | None]) -> tuple[float, float] | None:
+    """(min, max) of the values present: the range a ratio took over rounds; None if none.
+
+    >>> spread([1.0, None, 0.5, 2.0])
+    (0.5, 2.0)
+    """
+    data = [float(v) for v in values if v is not None]
+    return (min(data), max(data)) if data else None
+
+
+def fmt_spread(values: tuple[float, float] | None) -> str:
+    """``min-max`` in the table's short form, '' when there is no spread."""
+    return "" if values is None else f"{fmt(values[0])}-{fmt(values[1])}"
+
+
 def per_item(total: float, items: int) -> float | None:
     """``total / items``; None for no items."""
     return None if items <= 0 else total / items

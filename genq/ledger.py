@@ -29,32 +29,44 @@ _TRANSITION = """
 --       callback due score (used when the job ends and has a callback), parent must be live ('1'/''),
 --       fields...
 local terminal = @TERMINAL@
-local cur = redis.call('HGET', KEYS[1], 'state')
+-- One read and one write of the record per step: every field this script needs comes in one HMGET,
+-- and every field it sets goes out in one HSET (Redis runs the script atomically either way).
+local rec = redis.call('HMGET', KEYS[1], 'state', 'poll_gen', 'kind', 'parent_id', 'callback',
+                    'callback_state')
+local cur = rec[1]
 if not cur then return {0, '', 'missing'} end
 local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do if s == cur then allowed = true end end
 if not allowed then return {0, cur, 'state'} end
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'poll_gen') ~= ARGV[5] then return {0, cur, 'stale'} end
-local kind = redis.call('HGET', KEYS[1], 'kind')
-local parent = redis.call('HGET', KEYS[1], 'parent_id') or ''
+if ARGV[5] ~= '' and rec[2] ~= ARGV[5] then return {0, cur, 'stale'} end
+local kind = rec[3]
+local parent = rec[4] or ''
 if ARGV[9] == '1' and parent ~= '' then
   -- Checked in the same step as the move, so a cancel of the workflow cannot slip in between.
   local ps = redis.call('HGET', '@JOB_PREFIX@' .. parent, 'state')
   if ps == false or terminal[ps] then return {0, cur, 'parent'} end
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[4])
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local set = {'state', ARGV[3], 'updated_at', ARGV[4]}
+-- The callback fields as they will be after this step's fields are written.
+local callback, cs = rec[5] or '', rec[6] or ''
+for i = 10, #ARGV, 2 do
+  set[#set + 1] = ARGV[i]
+  set[#set + 1] = ARGV[i + 1]
+  if ARGV[i] == 'callback' then callback = ARGV[i + 1]
+  elseif ARGV[i] == 'callback_state' then cs = ARGV[i + 1] end
+end
 local callback_due = false
-if ARGV[7] ~= '' and (redis.call('HGET', KEYS[1], 'callback') or '') ~= '' then
-  local cs = redis.call('HGET', KEYS[1], 'callback_state') or ''
+if ARGV[7] ~= '' and callback ~= '' then
   if cs == '' then
     -- Recorded in the same step as the ending, so a crash right after cannot lose the callback.
-    redis.call('HSET', KEYS[1], 'callback_state', 'pending')
+    set[#set + 1] = 'callback_state'
+    set[#set + 1] = 'pending'
     redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
     cs = 'pending'
   end
   callback_due = cs == 'pending'
 end
+redis.call('HSET', KEYS[1], unpack(set))
 if ARGV[6] == '-' then redis.call('ZREM', KEYS[3], ARGV[1])
 elseif ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
 if ARGV[7] ~= '' and not callback_due then
@@ -110,8 +122,12 @@ if KEYS[7] ~= '' then
     redis.call('SADD', KEYS[8], ARGV[1])
   end
 end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'state', state)
+-- One HSET for the whole record; 'state' last, so it wins over a field of that name.
+local set = {}
+for i = 8, #ARGV do set[#set + 1] = ARGV[i] end
+set[#set + 1] = 'state'
+set[#set + 1] = state
+redis.call('HSET', KEYS[1], unpack(set))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':' .. state, 1)
@@ -174,13 +190,16 @@ return n
 
 _RECORD_OUTPUT = """
 -- KEYS: job. ARGV: field, json, now. Returns outputs still missing, or -1 if not downloading.
-if redis.call('HGET', KEYS[1], 'state') ~= 'downloading' then return -1 end
+local rec = redis.call('HMGET', KEYS[1], 'state', 'expected_outputs')
+if rec[1] ~= 'downloading' then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'updated_at', ARGV[3])
+-- Outputs are stored one field each and the record has a few dozen fields: counting them here is
+-- cheaper than a counter that a re-recorded output would have to know not to bump.
 local have = 0
 for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(k, 1, 4) == 'out:' then have = have + 1 end
 end
-return tonumber(redis.call('HGET', KEYS[1], 'expected_outputs')) - have
+return tonumber(rec[2]) - have
 """
 
 

@@ -141,7 +141,7 @@ class Services:
             read_timeout=settings.api.read_timeout,
             limiter=limiter,
         )
-        recorder = metrics.Recorder(client)
+        recorder = metrics.Recorder(client, flush_interval=metrics.FLUSH_SECONDS)
         metrics.instrument(api, recorder)
         # A separate session for output files: the API key must never be sent to a file host, and
         # every connection it makes is checked against the SSRF policy on the address it connects to.
@@ -157,6 +157,8 @@ class Services:
         return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks)
 
     def close(self) -> None:
+        if self.jobs.recorder is not None:
+            self.jobs.recorder.flush()  # the counts summed since the last write
         self.api.session.close()
         self.jobs.files.close()
         self.callbacks.session.close()

@@ -77,6 +77,8 @@ class SimConfig(BaseModel):
     file_token: str = "sim-url-token"  # noqa: S105 - a fake token the simulator itself checks
     range_support: bool = True
     file_drip_delay: float = Field(default=0, ge=0)
+    file_rate_limit: float = Field(default=0, ge=0)
+    """Bytes per second per file transfer (0: as fast as it goes): a realistic link for benchmarks."""
 
     def merged(self, changes: dict[str, Any]) -> SimConfig:
         """A new validated config with `changes` applied; nested dicts merge instead of replacing."""

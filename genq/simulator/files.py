@@ -194,10 +194,17 @@ async def _serve_file(request: web.Request, state: SimState) -> web.StreamRespon
     response.content_length = end - start
     await response.prepare(request)
     if request.method != "HEAD":
+        began, sent = time.monotonic(), 0
         for n, piece in enumerate(chunks(start, end)):
             if n and cfg.file_drip_delay > 0:
                 await asyncio.sleep(cfg.file_drip_delay)
+            if cfg.file_rate_limit > 0:
+                # Paced against the transfer's start, not per chunk, so timer slack does not add up.
+                ahead = sent / cfg.file_rate_limit - (time.monotonic() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             await response.write(piece)
+            sent += len(piece)
     await response.write_eof()
     return response
 

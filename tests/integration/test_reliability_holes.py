@@ -767,6 +767,31 @@ def test_hole13_fractional_rate_limits_are_enforced(settings: Settings) -> None:
     assert 8 <= mid_n <= int(2.5 * 3.5 + 3), f"2.5/s admitted {mid_n} in 3.5 s"
 
 
+def test_a_429_closes_an_unlimited_upstream_for_every_worker_until_its_retry_after(
+    settings: Settings,
+) -> None:
+    """Without a rate or a cap the limiter reads only the closure's TTL: still shared, still timed by
+    Redis, still ended on time."""
+    client = redis_client(settings)
+    limiter = UpstreamLimiter(client, Limits())
+    other = UpstreamLimiter(client, Limits())  # another worker
+    client.delete(keys.LIMIT_BLOCKED)
+    permit, wait = limiter.acquire("status")
+    assert permit is not None and wait == 0.0
+
+    limiter.block(1.5)
+    permit, wait = other.acquire("trigger")
+    assert permit is None and 1.0 < wait <= 1.5
+    limiter.block(0.2)  # a shorter Retry-After never shortens the closure
+    permit, wait = other.acquire("status")
+    assert permit is None and wait > 1.0
+
+    client.pexpire(keys.LIMIT_BLOCKED, 1000)  # the closed period over, the key's last second left
+    permit, wait = other.acquire("status")
+    assert permit is not None and wait == 0.0
+    client.delete(keys.LIMIT_BLOCKED)
+
+
 # ---------------------------------------------------------------------------------------- 14
 
 

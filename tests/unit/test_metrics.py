@@ -182,3 +182,57 @@ def test_flower_shows_ids_and_kind_never_a_payload() -> None:
     assert shown == f"image request_id=order-1 job={job_id_for('order-1')}"
     assert describe("genq.intake", "({'kind': 'image', 'prompt': 'SECRET PRO...", kind_of) == "(not shown)"
     assert describe("other.task", "('x',)", kind_of) is None
+
+
+class _Pipe:
+    def __init__(self, sent: list[dict[str, float]]) -> None:
+        self.sent = sent
+        self.fields: dict[str, float] = {}
+
+    def hincrby(self, _key: str, name: str, amount: int) -> None:
+        self.fields[name] = self.fields.get(name, 0) + amount
+
+    def hincrbyfloat(self, _key: str, name: str, value: float) -> None:
+        self.fields[name] = self.fields.get(name, 0.0) + value
+
+    def execute(self) -> None:
+        self.sent.append(self.fields)
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, float]] = []
+
+    def pipeline(self, transaction: bool = True) -> _Pipe:
+        return _Pipe(self.sent)
+
+
+def test_a_summing_recorder_writes_many_observations_in_one_round_trip() -> None:
+    client = _Client()
+    recorder = metrics.Recorder(client, flush_interval=3600)  # type: ignore[arg-type]
+    recorder.upstream("status", 0.003)
+    recorder.upstream("status", 0.004, "http_5xx")
+    recorder.download(10)
+    recorder.download(5)
+    assert client.sent == []  # nothing written before the timer or a flush
+    recorder.flush()
+    assert client.sent == [
+        {
+            "latency:status:0.005": 2,
+            "latency_count:status": 2,
+            "error:status:http_5xx": 1,
+            "downloads": 2,
+            "download_bytes": 15,
+            "latency_sum:status": pytest.approx(0.007),
+        }
+    ]
+    recorder.flush()
+    assert len(client.sent) == 1  # nothing new, nothing sent
+
+
+def test_an_immediate_recorder_writes_each_observation() -> None:
+    client = _Client()
+    recorder = metrics.Recorder(client)  # type: ignore[arg-type]
+    recorder.download(1)
+    recorder.download(2)
+    assert client.sent == [{"downloads": 1, "download_bytes": 1}, {"downloads": 1, "download_bytes": 2}]

@@ -2,9 +2,9 @@
 // Every value from the server is put in the page as text (textContent), never as HTML.
 "use strict";
 
-const TERMINAL = new Set(["succeeded", "failed", "timed_out", "cancelled", "submit_unknown"]);
+const TERMINAL = new Set(["succeeded", "failed", "timed_out", "cancelled", "submit_unknown", "rejected"]);
 const STATES = ["parked", "pending", "submitting", "submitted", "running", "downloading",
-  "succeeded", "failed", "timed_out", "cancelled", "submit_unknown"];
+  "succeeded", "failed", "timed_out", "cancelled", "submit_unknown", "rejected"];
 const KINDS = ["image", "upscale", "video", "workflow"];
 const PAGE = 50;
 
@@ -143,7 +143,7 @@ function parseQuery(hash) {
 function jobRow(j) {
   const tr = el("tr", { "data-job": j.id },
     el("td", {}, el("a", { href: "#/job/" + j.id, class: "mono", text: j.id.slice(0, 12) })),
-    el("td", { text: j.kind }),
+    el("td", { text: j.lane === "batch" ? j.kind + " · batch" : j.kind }),
     el("td", { class: "st" }, stateBadge(j.state)),
     el("td", { text: fmtDate(j.created_at) }),
     el("td", { class: "upd", text: fmtTime(j.updated_at) }),
@@ -342,6 +342,7 @@ function viewJob(jobId) {
     const facts = el("dl", { class: "facts" });
     const fact = (k, v) => { if (v !== null && v !== undefined && v !== "") facts.append(el("dt", { text: k }), el("dd", {}, v)); };
     fact("kind", j.kind);
+    fact("producer", j.producer ? j.producer + " · " + j.lane + " lane" : "");
     fact("state", stateBadge(j.state));
     fact("created", fmtDate(j.created_at));
     fact("finished", fmtDate(j.finished_at));

@@ -94,6 +94,11 @@ def limit_batch_waiting(family: str) -> str:
     return f"{PREFIX}:limit:lane:{family}:batch-waiting"
 
 
+def limit_batch_turn(family: str) -> str:
+    """String with a TTL: when (Redis time) the next turned-away batch call of this family may try again."""
+    return f"{PREFIX}:limit:lane:{family}:batch-turn"
+
+
 def limit_turned_away(family: str) -> str:
     """Hash: producer -> when its last call of this family was turned away (dropped when admitted)."""
     return f"{PREFIX}:limit:away:{family}"

@@ -28,10 +28,12 @@ from genq import keys
 
 _ACQUIRE = """
 -- KEYS: blocked (all families), family window, total window, semaphore, the family's interactive
---       window, batch-turned-away marker, producers turned away (hash: producer -> when)
+--       window, batch-turned-away marker, producers turned away (hash: producer -> when), the next
+--       free turn of a turned-away batch call
 -- ARGV: family rate, total rate, max concurrent, lease seconds, token, window slack (1.05), lane
 --       ('interactive', 'batch' or ''), batch share, producer ('' for none), weights (JSON object),
---       weight of producers not in it, producer window key prefix
+--       weight of producers not in it, producer window key prefix, seconds a turned-away producer
+--       counts as waiting
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -76,15 +78,16 @@ if wait == 0 and g and lane == 'interactive' and reserved then
 end
 if wait == 0 and g and producer ~= '' then
   -- Weighted fair shares: a producer at or over its share of the window waits while another one,
-  -- under its share, was turned away in the last two windows (work-conserving: a producer alone
-  -- takes every call, and one whose backlog is gone stops counting two windows later).
+  -- under its share, was turned away lately (ARGV[13] seconds, at least two windows: its retries
+  -- come back late behind a flood's). A producer alone takes every call; one whose backlog is gone
+  -- stops counting that long after its last call was turned away.
   local weights = cjson.decode(ARGV[10])
   local function weight(p) return tonumber(weights[p] or ARGV[11]) end
   local starving, total = {}, weight(producer)
   local marks = redis.call('HGETALL', KEYS[7])
   for i = 1, #marks, 2 do
     local p, at = marks[i], tonumber(marks[i + 1])
-    if at < now - 2 * windows[g] then redis.call('HDEL', KEYS[7], p)
+    if at < now - math.max(2 * windows[g], tonumber(ARGV[13])) then redis.call('HDEL', KEYS[7], p)
     elseif p ~= producer then
       local key = ARGV[12] .. p
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now - windows[g])
@@ -108,7 +111,14 @@ if wait == 0 and g and producer ~= '' then
   end
 end
 if wait > 0 then
-  if g and lane == 'batch' then redis.call('SET', KEYS[6], '1', 'PX', math.ceil(2000 * windows[g])) end
+  if g and lane == 'batch' then
+    redis.call('SET', KEYS[6], '1', 'PX', math.ceil(2000 * windows[g]))
+    -- A turned-away batch call takes the next free turn of the rate (a virtual queue), so a backlog of
+    -- thousands comes back about as fast as the rate admits, not all at once every window.
+    local turn = math.max(now + wait, tonumber(redis.call('GET', KEYS[8]) or '0')) + windows[g] / counts[g]
+    redis.call('SET', KEYS[8], tostring(turn), 'PX', math.ceil(1000 * (turn - now + windows[g])))
+    wait = turn - now
+  end
   if g and producer ~= '' then redis.call('HSET', KEYS[7], producer, tostring(now)) end
   return {0, tostring(wait)}
 end
@@ -165,6 +175,8 @@ class Limits:
     weights: Mapping[str, float] = field(default_factory=dict)
     """Producer -> its weight in the fair shares of a window (producers not named: ``other_weight``)."""
     other_weight: float = 1.0
+    fair_horizon: float = 15.0
+    """Seconds a producer turned away counts as waiting for its share (at least two windows)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,7 @@ class UpstreamLimiter:
                 keys.limit_lane_window(family),
                 keys.limit_batch_waiting(family),
                 keys.limit_turned_away(family),
+                keys.limit_batch_turn(family),
             ],
             args=[
                 self.limits.rates.get(family, 0),
@@ -214,6 +227,7 @@ class UpstreamLimiter:
                 self._weights,
                 self.limits.other_weight,
                 keys.limit_producer_window(family, ""),
+                self.limits.fair_horizon,
             ],
         )
         return (Permit(token), 0.0) if ok else (None, max(0.001, float(wait)))

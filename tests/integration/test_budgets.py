@@ -16,6 +16,7 @@ import requests
 
 from genq import keys
 from genq.budgets import window_start
+from genq.dashboard.app import broker_health
 from genq.embedded import free_port
 from genq.producer import Producer
 from genq.schemas import JobState
@@ -251,3 +252,9 @@ def test_the_exporter_exports_spend_caps_quotas_and_rejections(stack: Stack) -> 
     assert sample(samples, "genq_producer_max_in_flight", producer="shop") == 3
     assert sample(samples, "genq_producer_in_flight", producer="shop") == 0
     assert sample(samples, "genq_jobs", kind="image", state="rejected") == 1
+
+    # The dashboard's health page shows the same budget windows.
+    shown = broker_health(stack.settings(**env))()["budgets"]
+    shop = next(p for p in shown["producers"] if p["producer"] == "shop")
+    day = next(w for w in shop["windows"] if w["period"] == "day")
+    assert (day["triggers"], day["triggers_cap"], shop["max_in_flight"]) == (2, 2, 3)

@@ -89,3 +89,13 @@ def test_release_of_an_unknown_permit_is_harmless(redis_server: EmbeddedRedis) -
     limiter = _limiter(redis_server, rates={"trigger": 10}, max_concurrent=1)
     limiter.release(Permit("never-issued"))
     assert _take(limiter, 1) == [True]
+
+
+def test_turned_away_batch_calls_queue_for_successive_turns(redis_server: EmbeddedRedis) -> None:
+    """A backlog turned away comes back one turn of the rate apart (6.3 s here), not all at once."""
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    assert _take(limiter, 10, "interactive") == [True] * 10
+    waits = [limiter.acquire("trigger", "batch")[1] for _ in range(3)]
+    assert waits[0] > 60  # the window's first call ages out in about 63 s, then its turn
+    assert waits[1] > waits[0] + 5 and waits[2] > waits[1] + 5
+    assert limiter.acquire("trigger", "interactive")[1] < waits[0]  # interactive calls do not queue

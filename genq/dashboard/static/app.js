@@ -491,14 +491,31 @@ function viewModels() {
 
 // ------------------------------------------------------------------ Health
 
+function budgetTable(b) {
+  // Spend against each cap this hour and today; a producer's jobs in flight against its quota.
+  const of = (used, cap) => cap === null ? String(used) : used + " / " + cap;
+  const rows = [];
+  const add = (name, lane, flight, windows) => windows.forEach((w, i) => rows.push(el("tr", {},
+    el("td", { text: i ? "" : name }), el("td", { text: i ? "" : lane }), el("td", { text: i ? "" : flight }),
+    el("td", { text: w.period }), el("td", { text: of(w.triggers, w.triggers_cap) }),
+    el("td", { text: of(w.cost, w.cost_cap) }), el("td", { text: fmtDate(w.window_end) }))));
+  add("total", "", "", b.total);
+  for (const p of b.producers) add(p.producer, p.lane, of(p.in_flight, p.max_in_flight), p.windows);
+  return el("table", { class: "jobs" },
+    el("thead", {}, el("tr", {}, ["producer", "lane", "in flight", "window", "triggers", "cost", "resets"].map((t) => el("th", { text: t })))),
+    el("tbody", {}, rows));
+}
+
 function viewHealth() {
   const names = ["throughput", "latency", "errors", "queues", "queue_age", "sweeper"];
   const imgs = names.map((n) => el("img", { class: "plot", id: "plot-" + n, alt: n, src: "/plots/" + n + ".svg" }));
   const facts = el("p", { class: "muted" });
-  show(el("h2", { text: "Health" }), facts, el("div", { class: "plots" }, imgs));
+  const budgets = el("div", { class: "budgets" });
+  show(el("h2", { text: "Health" }), facts, el("div", { class: "plots" }, imgs), el("h3", { text: "Budgets" }), budgets);
   const load = () => api("/api/health").then((h) => {
     facts.textContent = "sweeper last ran " + (h.sweep_age === null ? "never" : fmtDur(h.sweep_age) + " ago") +
       (h.broker_error ? " · " + h.broker_error : "");
+    if (h.budgets) budgets.replaceChildren(budgetTable(h.budgets));
   }).catch(() => {});
   load();
   const timer = setInterval(() => {

@@ -81,11 +81,13 @@ class UpstreamClient:
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
 
-    def trigger(self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "") -> UpstreamJob:
-        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all). ``lane``
-        and ``producer`` are for the shared limiter's reserved and fair shares."""
+    def trigger(
+        self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "", caller: str = ""
+    ) -> UpstreamJob:
+        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all). ``lane``,
+        ``producer`` and ``caller`` (the job id) are for the shared limiter's shares and turns."""
         answer = self._request(
-            "POST", TRIGGER_PATHS[kind], "trigger", json=body, lane=lane, producer=producer
+            "POST", TRIGGER_PATHS[kind], "trigger", json=body, lane=lane, producer=producer, caller=caller
         )
         return UpstreamJob.from_payload(answer)
 
@@ -116,11 +118,12 @@ class UpstreamClient:
         text_ok: bool = False,
         lane: str = "",
         producer: str = "",
+        caller: str = "",
     ) -> Any:
         what = f"{method} {path}"
         permit = None
         if self.limiter is not None:
-            permit, wait = self.limiter.acquire(family, lane, producer)
+            permit, wait = self.limiter.acquire(family, lane, producer, caller)
             if permit is None:
                 raise Throttled(f"{what}: held back by the shared rate limit", retry_after=wait)
         limit = wallclock.Limit(sum(self.timeout))

@@ -106,7 +106,7 @@ class JobService:
             return self._submit_retry(rec, exc)
         try:
             producer = rec.producer if self.settings.budgets.fair_shares else ""
-            upstream = self.api.trigger(rec.kind, rec.request, rec.lane.value, producer)
+            upstream = self.api.trigger(rec.kind, rec.request, rec.lane.value, producer, rec.id)
         except UpstreamUnavailable as exc:
             if exc.ambiguous and not self.settings.api.submit_at_least_once:
                 return self._unknown(rec, str(exc))

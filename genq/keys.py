@@ -99,6 +99,11 @@ def limit_batch_turn(family: str) -> str:
     return f"{PREFIX}:limit:lane:{family}:batch-turn"
 
 
+def limit_batch_turns(family: str) -> str:
+    """Hash with a TTL: job id -> the turn its turned-away batch call was given (it keeps its place)."""
+    return f"{PREFIX}:limit:lane:{family}:batch-turns"
+
+
 def limit_turned_away(family: str) -> str:
     """Hash: producer -> when its last call of this family was turned away (dropped when admitted)."""
     return f"{PREFIX}:limit:away:{family}"

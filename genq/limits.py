@@ -29,11 +29,11 @@ from genq import keys
 _ACQUIRE = """
 -- KEYS: blocked (all families), family window, total window, semaphore, the family's interactive
 --       window, batch-turned-away marker, producers turned away (hash: producer -> when), the next
---       free turn of a turned-away batch call
+--       free turn of a turned-away batch call, the turns given (hash: caller -> when)
 -- ARGV: family rate, total rate, max concurrent, lease seconds, token, window slack (1.05), lane
 --       ('interactive', 'batch' or ''), batch share, producer ('' for none), weights (JSON object),
 --       weight of producers not in it, producer window key prefix, seconds a turned-away producer
---       counts as waiting
+--       counts as waiting, caller (a job id: keeps its turn when it comes back; '' for none)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -114,10 +114,19 @@ if wait > 0 then
   if g and lane == 'batch' then
     redis.call('SET', KEYS[6], '1', 'PX', math.ceil(2000 * windows[g]))
     -- A turned-away batch call takes the next free turn of the rate (a virtual queue), so a backlog of
-    -- thousands comes back about as fast as the rate admits, not all at once every window.
-    local turn = math.max(now + wait, tonumber(redis.call('GET', KEYS[8]) or '0')) + windows[g] / counts[g]
-    redis.call('SET', KEYS[8], tostring(turn), 'PX', math.ceil(1000 * (turn - now + windows[g])))
-    wait = turn - now
+    -- thousands comes back about as fast as the rate admits, not all at once every window. One that
+    -- came back at its turn and lost the slot (to interactive work) keeps its place at the front.
+    local had = ARGV[14] ~= '' and tonumber(redis.call('HGET', KEYS[9], ARGV[14]) or '0') or 0
+    if had == 0 or had > now + windows[g] then
+      local turn = math.max(now + wait, tonumber(redis.call('GET', KEYS[8]) or '0')) + windows[g] / counts[g]
+      redis.call('SET', KEYS[8], tostring(turn), 'PX', math.ceil(1000 * (turn - now + windows[g])))
+      wait = turn - now
+    end
+    if ARGV[14] ~= '' then
+      redis.call('HSET', KEYS[9], ARGV[14], tostring(now + wait))
+      local keep = math.ceil(1000 * (wait + 2 * windows[g]))
+      if redis.call('PTTL', KEYS[9]) < keep then redis.call('PEXPIRE', KEYS[9], keep) end
+    end
   end
   if g and producer ~= '' then redis.call('HSET', KEYS[7], producer, tostring(now)) end
   return {0, tostring(wait)}
@@ -128,6 +137,7 @@ if g then
     redis.call('ZADD', KEYS[5], now, ARGV[5])
     redis.call('EXPIRE', KEYS[5], ttl)
   end
+  if lane == 'batch' and ARGV[14] ~= '' then redis.call('HDEL', KEYS[9], ARGV[14]) end
   if producer ~= '' then
     redis.call('ZADD', ARGV[12] .. producer, now, ARGV[5])
     redis.call('EXPIRE', ARGV[12] .. producer, ttl)
@@ -196,7 +206,9 @@ class UpstreamLimiter:
         self._weights = json.dumps(dict(limits.weights)) if limits.weights else "{}"
         self._block = client.register_script(_BLOCK)
 
-    def acquire(self, family: str, lane: str = "", producer: str = "") -> tuple[Permit | None, float]:
+    def acquire(
+        self, family: str, lane: str = "", producer: str = "", caller: str = ""
+    ) -> tuple[Permit | None, float]:
         """``(permit, 0)`` when the call may go now, else ``(None, seconds to wait)``.
 
         With a ``lane``, interactive calls leave ``batch_share`` of the window to batch calls while
@@ -213,6 +225,7 @@ class UpstreamLimiter:
                 keys.limit_batch_waiting(family),
                 keys.limit_turned_away(family),
                 keys.limit_batch_turn(family),
+                keys.limit_batch_turns(family),
             ],
             args=[
                 self.limits.rates.get(family, 0),
@@ -228,6 +241,7 @@ class UpstreamLimiter:
                 self.limits.other_weight,
                 keys.limit_producer_window(family, ""),
                 self.limits.fair_horizon,
+                caller,
             ],
         )
         return (Permit(token), 0.0) if ok else (None, max(0.001, float(wait)))

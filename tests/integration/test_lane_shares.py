@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import redis
 
+from genq import keys
 from genq.embedded import EmbeddedRedis
-from genq.limits import Limits, Permit, UpstreamLimiter
+from genq.limits import Limits, UpstreamLimiter
 
 SLOW = 60.0  # a 10/s rate's window becomes 63 s
 
@@ -85,12 +86,6 @@ def test_weights_set_the_shares(redis_server: EmbeddedRedis) -> None:
     assert _take(limiter, 8, producer="shop") == [True] * 7 + [False]  # and one held above
 
 
-def test_release_of_an_unknown_permit_is_harmless(redis_server: EmbeddedRedis) -> None:
-    limiter = _limiter(redis_server, rates={"trigger": 10}, max_concurrent=1)
-    limiter.release(Permit("never-issued"))
-    assert _take(limiter, 1) == [True]
-
-
 def test_turned_away_batch_calls_queue_for_successive_turns(redis_server: EmbeddedRedis) -> None:
     """A backlog turned away comes back one turn of the rate apart (6.3 s here), not all at once."""
     limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
@@ -99,3 +94,17 @@ def test_turned_away_batch_calls_queue_for_successive_turns(redis_server: Embedd
     assert waits[0] > 60  # the window's first call ages out in about 63 s, then its turn
     assert waits[1] > waits[0] + 5 and waits[2] > waits[1] + 5
     assert limiter.acquire("trigger", "interactive")[1] < waits[0]  # interactive calls do not queue
+
+
+def test_a_batch_call_back_at_its_turn_keeps_its_place(redis_server: EmbeddedRedis) -> None:
+    """Turned away again at its turn (interactive work took the slot), a job does not go to the back."""
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    assert _take(limiter, 10, "interactive") == [True] * 10
+    first = limiter.acquire("trigger", "batch", caller="job-a")[1]
+    behind = [limiter.acquire("trigger", "batch", caller=f"job-{i}")[1] for i in range(5)]
+    assert all(w > first for w in behind)
+    client = limiter.redis
+    # job-a's turn has come (moved to now, as if its wait had passed) and the window is still full.
+    client.hset(keys.limit_batch_turns("trigger"), "job-a", str(float(client.time()[0])))
+    again = limiter.acquire("trigger", "batch", caller="job-a")[1]
+    assert again < behind[0]  # it waits for room in the window, ahead of the calls queued behind it

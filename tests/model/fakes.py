@@ -127,7 +127,9 @@ class FakeUpstream:
         if o == "404":
             raise UpstreamRejected(f"{what}: 404 not found", 404)
 
-    def trigger(self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "") -> UpstreamJob:
+    def trigger(
+        self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "", caller: str = ""
+    ) -> UpstreamJob:
         self.calls += 1
         what = f"POST {kind.value}"
         self._fail_before_acting(what)

@@ -35,6 +35,8 @@ def registry() -> dict[str, Runner]:
         b6_training,
         b7_redis,
         b8_dashboard,
+        b9_lanes,
+        b10_fairness,
         simcapacity,
     )
 
@@ -48,6 +50,8 @@ def registry() -> dict[str, Runner]:
         b6_training.NAME: b6_training.run,
         b7_redis.NAME: b7_redis.run,
         b8_dashboard.NAME: b8_dashboard.run,
+        b9_lanes.NAME: b9_lanes.run,
+        b10_fairness.NAME: b10_fairness.run,
     }
 
 

@@ -60,7 +60,7 @@ def counts(client: redis.Redis) -> dict[str, int]:
 
 
 def terminal_count(client: redis.Redis, kinds: Sequence[str] = ("image",)) -> int:
-    terminal = ("succeeded", "failed", "timed_out", "cancelled", "submit_unknown")
+    terminal = ("succeeded", "failed", "timed_out", "cancelled", "submit_unknown", "rejected")
     c = counts(client)
     return sum(c.get(f"{k}:{s}", 0) for k in kinds for s in terminal)
 

@@ -10,6 +10,7 @@ class SubmitLater:
     job_id: str
     delay: float
     gen: int = 0  # the step generation it is sent for; 0 for a new job
+    batch: bool = False  # sent in the batch lane (behind interactive work)
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class PollLater:
     job_id: str
     gen: int
     delay: float
+    batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Download:
     index: int
     attempt: int = 0
     delay: float = 0.0
+    batch: bool = False
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,21 @@ class UpstreamClient:
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
 
-    def trigger(self, kind: JobKind, body: dict[str, Any]) -> UpstreamJob:
-        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all)."""
-        return UpstreamJob.from_payload(self._request("POST", TRIGGER_PATHS[kind], "trigger", json=body))
+    def trigger(
+        self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "", caller: str = ""
+    ) -> UpstreamJob:
+        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all). ``lane``,
+        ``producer`` and ``caller`` (the job id) are for the shared limiter's shares and turns."""
+        answer = self._request(
+            "POST", TRIGGER_PATHS[kind], "trigger", json=body, lane=lane, producer=producer, caller=caller
+        )
+        return UpstreamJob.from_payload(answer)
 
-    def get_job(self, upstream_id: str) -> UpstreamJob:
+    def get_job(self, upstream_id: str, lane: str = "") -> UpstreamJob:
         """One status check of an upstream job."""
-        job = UpstreamJob.from_payload(self._request("GET", f"/jobs/{_segment(upstream_id)}", "status"))
+        job = UpstreamJob.from_payload(
+            self._request("GET", f"/jobs/{_segment(upstream_id)}", "status", lane=lane)
+        )
         if job.job_id != upstream_id:
             raise ProtocolError(f"asked for job {upstream_id!r}, got {job.job_id[:64]!r}")
         return job
@@ -101,11 +109,21 @@ class UpstreamClient:
         """One readiness check of a model."""
         return UpstreamModel.from_payload(self._request("GET", f"/models/{_segment(model_id)}", "models"))
 
-    def _request(self, method: str, path: str, family: str, json: Any = None, text_ok: bool = False) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        family: str,
+        json: Any = None,
+        text_ok: bool = False,
+        lane: str = "",
+        producer: str = "",
+        caller: str = "",
+    ) -> Any:
         what = f"{method} {path}"
         permit = None
         if self.limiter is not None:
-            permit, wait = self.limiter.acquire(family)
+            permit, wait = self.limiter.acquire(family, lane, producer, caller)
             if permit is None:
                 raise Throttled(f"{what}: held back by the shared rate limit", retry_after=wait)
         limit = wallclock.Limit(sum(self.timeout))

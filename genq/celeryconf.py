@@ -47,6 +47,18 @@ TASK_QUEUES: dict[str, str] = {
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""
 
+BATCH_PRIORITY = 9
+"""Message priority of the batch lane. On the Redis broker kombu keeps each priority in a list of its
+own and a worker's BRPOP names every interactive list (priority 0, the default) before any batch one,
+across all the queues it consumes: an interactive message is taken ahead of any batch backlog, and a
+message sent without a priority (an older producer, the sweep) counts as interactive."""
+
+
+def lane_priority(batch: bool) -> int | None:
+    """The ``priority`` to send a job's message with: ``None`` (the default, interactive) or batch."""
+    return BATCH_PRIORITY if batch else None
+
+
 SWEEP_EXPIRES = 900.0
 """Seconds after which a sweep message nobody took is dropped."""
 

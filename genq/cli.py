@@ -82,6 +82,17 @@ def _submit_options(fn: Any) -> Any:
             click.option("--callback-task", help="When the job ends, send this Celery task by name..."),
             click.option("--callback-queue", help="...to this queue, with the job's record."),
             click.option("--callback-url", help="Or POST the record, signed, to this URL."),
+            click.option("--producer", help="The producer app it counts against (default: 'default')."),
+            click.option(
+                "--lane",
+                type=click.Choice(["interactive", "batch"]),
+                help="Its lane (default: the producer's).",
+            ),
+            click.option(
+                "--on-budget",
+                type=click.Choice(["reject", "wait"]),
+                help="Past a spend budget: end rejected, or wait for the next window.",
+            ),
         ]
     ):
         command = option(command)
@@ -189,10 +200,11 @@ def submit_workflow(
     wait_for: bool,
     timeout: float | None,
     as_json: bool,
+    **routing: str | None,
 ) -> None:
     """Generate images, then upscale every one (one id to follow)."""
     request = {"kind": "workflow", "generate": {"prompt": prompt, "num_images": num_images},
-               "upscale_factor": int(upscale_factor), "callback": callback}  # fmt: skip
+               "upscale_factor": int(upscale_factor), "callback": callback, **routing}  # fmt: skip
     _submit(request, idempotency_key, wait_for, timeout, as_json)
 
 
@@ -277,6 +289,48 @@ def watch(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> Non
     from genq.watch import watch_jobs
 
     watch_jobs(_producer(), list(job_ids) or None, timeout=timeout, as_json=as_json)
+
+
+@main.command()
+@click.option("--producer", "producer_id", help="Only this producer (and the total).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def budgets(producer_id: str | None, as_json: bool) -> None:
+    """Spend against each budget cap (this hour, today), and jobs in flight against each quota."""
+    from genq.budgets import BudgetBook
+
+    producer = _producer()
+    book = BudgetBook(producer.redis, producer.settings.budgets)
+    now = producer.ledger.clock()
+    total, usage = book.report(now)
+    if producer_id:
+        usage = [book.usage(producer_id, now)]
+    if as_json:
+        payload = {"total": [t.model_dump() for t in total], "producers": [u.model_dump() for u in usage]}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    table = Table("producer", "lane", "in flight", "window", "triggers", "cost", "left", "resets")
+    rows = [("total", "", "", total)] + [
+        (u.producer, u.lane, _of(u.in_flight, u.max_in_flight), u.windows) for u in usage
+    ]
+    for name, lane, flight, windows in rows:
+        for i, w in enumerate(windows):
+            left = [f"{w.triggers_left} triggers"] if w.triggers_left is not None else []
+            left += [f"{w.cost_left:g} cost"] if w.cost_left is not None else []
+            table.add_row(
+                name if i == 0 else "",
+                lane if i == 0 else "",
+                flight if i == 0 else "",
+                w.period,
+                _of(w.triggers, w.triggers_cap),
+                _of(w.cost, w.cost_cap),
+                ", ".join(left) or "no cap",
+                time.strftime("%H:%M", time.localtime(w.window_end)),
+            )
+    Console().print(table)
+
+
+def _of(used: float, cap: float | None) -> str:
+    return f"{used:g}" if cap is None else f"{used:g} / {cap:g}"
 
 
 @main.command()
@@ -463,6 +517,7 @@ def _print_record(record: Any, as_json: bool) -> None:
         return
     console = Console()
     console.print(f"[bold]{record.id}[/] {record.kind.value} [bold]{record.state.value}[/]")
+    console.print(f"  producer: {record.producer}, lane {record.lane.value}")
     for label, value in (("upstream", record.upstream_id), ("upstream status", record.upstream_status),
                          ("polls", record.polls), ("model", record.model_id), ("workflow", record.parent_id),
                          ("steps", ", ".join(record.children)), ("error", record.error)):  # fmt: skip

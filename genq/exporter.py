@@ -29,11 +29,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from genq import keys, metrics
+from genq.budgets import BudgetBook
 from genq.celeryconf import QUEUES
 from genq.ledger import Ledger
 from genq.schemas import JobState
 from genq.services import broker_redis_client, redis_client
-from genq.settings import Settings
+from genq.settings import BudgetSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,17 @@ class Collector:
     """Builds every metric from Redis (and the broker) at each scrape."""
 
     def __init__(
-        self, client: redis.Redis, queues: QueueProbe | None, clock: Callable[[], float] = time.time
+        self,
+        client: redis.Redis,
+        queues: QueueProbe | None,
+        clock: Callable[[], float] = time.time,
+        budgets: BudgetSettings | None = None,
     ) -> None:
         self.redis = client
         self.ledger = Ledger(client)
         self.queues = queues
         self.clock = clock
+        self.budgets = BudgetBook(client, budgets or BudgetSettings())
 
     def describe(self) -> list[Metric]:
         return []  # so that registering does not scrape
@@ -146,7 +152,7 @@ class Collector:
         now = self.clock()
         up = 1.0
         try:
-            families = [*self._ledger(now), *self._counters()]
+            families = [*self._ledger(now), *self._counters(), *self._budgets()]
         except redis.RedisError as exc:
             log.warning("scrape: Redis unavailable (%s)", type(exc).__name__)
             families, up = [], 0.0
@@ -252,6 +258,48 @@ class Collector:
         yield CounterMetricFamily("genq_downloads", "Output files downloaded and recorded", value=c.downloads)
         yield CounterMetricFamily("genq_download_bytes", "Bytes of those files", value=c.download_bytes)
 
+    def _budgets(self) -> Iterable[Metric]:
+        # Budget windows follow the ledger's clock (Redis's time), as the charges do.
+        total, usage = self.budgets.report(self.ledger.clock())
+        labels = ["scope", "period"]
+        spent = {
+            "triggers": GaugeMetricFamily(
+                "genq_budget_triggers", "Paid triggers charged in the current budget window", labels=labels
+            ),
+            "cost": GaugeMetricFamily(
+                "genq_budget_cost", "Cost units charged in the current budget window", labels=labels
+            ),
+        }
+        caps = {
+            "triggers": GaugeMetricFamily(
+                "genq_budget_triggers_cap", "Cap on paid triggers per window (set caps only)", labels=labels
+            ),
+            "cost": GaugeMetricFamily(
+                "genq_budget_cost_cap", "Cap on cost units per window (set caps only)", labels=labels
+            ),
+        }
+        for line in [*total, *(w for u in usage for w in u.windows)]:
+            spent["triggers"].add_metric([line.scope, line.period], line.triggers)
+            spent["cost"].add_metric([line.scope, line.period], line.cost)
+            if line.triggers_cap is not None:
+                caps["triggers"].add_metric([line.scope, line.period], line.triggers_cap)
+            if line.cost_cap is not None:
+                caps["cost"].add_metric([line.scope, line.period], line.cost_cap)
+        yield from spent.values()
+        yield from caps.values()
+        flight = GaugeMetricFamily(
+            "genq_producer_in_flight", "A producer's jobs submitted and not ended", labels=["producer"]
+        )
+        quota = GaugeMetricFamily(
+            "genq_producer_max_in_flight", "A producer's in-flight quota (if set)", labels=["producer"]
+        )
+        for u in usage:
+            flight.add_metric([u.producer], u.in_flight)
+            if u.max_in_flight is not None:
+                quota.add_metric([u.producer], u.max_in_flight)
+        yield flight
+        yield quota
+
     def _queues(self) -> Iterable[Metric]:
         assert self.queues is not None
         stats = self.queues.stats()
@@ -291,7 +339,7 @@ def queue_probe(settings: Settings, clock: Callable[[], float] = time.time) -> Q
 
 def registry(settings: Settings) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(Collector(redis_client(settings), queue_probe(settings)))
+    reg.register(Collector(redis_client(settings), queue_probe(settings), budgets=settings.budgets))
     return reg
 
 

@@ -14,15 +14,18 @@ from genq.callbacks import check_callback
 from genq.errors import InvalidRequest
 from genq.ledger import Ledger
 from genq.schemas import (
+    DEFAULT_PRODUCER,
     REQUEST_ADAPTER,
     ImageRequest,
     JobKind,
     JobState,
+    Lane,
+    OnBudget,
     UpscaleRequest,
     VideoRequest,
     WorkflowRequest,
 )
-from genq.settings import Settings
+from genq.settings import BudgetSettings, Settings
 
 AnyRequest = ImageRequest | UpscaleRequest | VideoRequest | WorkflowRequest
 _NAMESPACE = uuid.UUID("6f1c9a52-3b7e-4d0a-9c55-2f8e4b1d7a10")
@@ -61,6 +64,20 @@ def job_id_for(request_id: str) -> str:
     return uuid.uuid5(_NAMESPACE, request_id).hex
 
 
+def routed(request: AnyRequest, budgets: BudgetSettings | None, producer: str | None = None) -> AnyRequest:
+    """The request with its producer, lane and ``on_budget`` filled in: from the request, else the
+    producer's policy in the settings, else ``default``, ``interactive`` and ``reject``."""
+    name = request.producer or producer or DEFAULT_PRODUCER
+    policy = budgets.policy(name) if budgets is not None else None
+    return request.model_copy(
+        update={
+            "producer": name,
+            "lane": request.lane or Lane(policy.lane if policy else Lane.INTERACTIVE),
+            "on_budget": request.on_budget or OnBudget(policy.on_budget if policy else OnBudget.REJECT),
+        }
+    )
+
+
 def accept(
     ledger: Ledger,
     request: AnyRequest,
@@ -69,7 +86,8 @@ def accept(
     idempotency_key: str | None = None,
     parent_id: str | None = None,
 ) -> Accepted:
-    """Write the job (or workflow and its first step) to the ledger. Sends nothing."""
+    """Write the job (or workflow and its first step) to the ledger. Sends nothing. A request not yet
+    :func:`routed` gets the defaults (producer ``default``, lane ``interactive``)."""
     job_id = job_id or uuid.uuid4().hex
     if isinstance(request, WorkflowRequest):
         return _accept_workflow(ledger, request, job_id, idempotency_key)
@@ -82,6 +100,7 @@ def accept(
         model_id=request.model_id,
         parent_id=parent_id,
         callback=request.callback.model_dump() if request.callback else None,
+        routing=_routing(request),
     )
     ready = [created.id] if created.state is JobState.PENDING else []
     return Accepted(created.id, created.created, created.state, ready)
@@ -97,6 +116,7 @@ def _accept_workflow(
         expected_outputs=request.expected_outputs,
         idempotency_key=idempotency_key,
         callback=request.callback.model_dump() if request.callback else None,
+        routing=_routing(request),
     )
     if not created.created:
         # A retry of a request whose first try failed half-way (Redis went away after the workflow
@@ -111,12 +131,21 @@ def _accept_workflow(
 def start_workflow(ledger: Ledger, workflow_id: str, request: WorkflowRequest) -> list[str]:
     """Record a pending workflow's first step and set it running; returns the jobs to submit. Safe to
     repeat: the step is keyed on the workflow id, so a second call never makes two."""
-    step = accept(ledger, request.generate, idempotency_key=f"{workflow_id}:generate", parent_id=workflow_id)
+    generate = request.generate.model_copy(update=_routing(request))
+    step = accept(ledger, generate, idempotency_key=f"{workflow_id}:generate", parent_id=workflow_id)
     ledger.transition(workflow_id, [JobState.PENDING], JobState.RUNNING, children=[step.id])
     if step.created:
         return step.to_submit
     made = ledger.get(step.id)  # made by the try that failed half-way
     return [step.id] if made is not None and made.state is JobState.PENDING else []
+
+
+def _routing(request: AnyRequest) -> dict[str, Any]:
+    return {
+        "producer": request.producer or DEFAULT_PRODUCER,
+        "lane": request.lane or Lane.INTERACTIVE,
+        "on_budget": request.on_budget or OnBudget.REJECT,
+    }
 
 
 def intake(ledger: Ledger, payload: Any, request_id: str, settings: Settings) -> list[str]:
@@ -141,4 +170,5 @@ def intake(ledger: Ledger, payload: Any, request_id: str, settings: Settings) ->
         if created.created:
             ledger.transition(job_id, [JobState.PENDING], JobState.FAILED, error=str(exc))
         return []
+    request = routed(request, settings.budgets)
     return accept(ledger, request, job_id=job_id, idempotency_key=f"intake:{request_id}").to_submit

@@ -22,6 +22,7 @@ import requests
 from genq import downloads, retry
 from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
+from genq.budgets import BudgetBook
 from genq.durations import PollPlanner
 from genq.errors import (
     DownloadRefused,
@@ -31,11 +32,11 @@ from genq.errors import (
     TransientError,
     UpstreamUnavailable,
 )
-from genq.ledger import KEEP, Ledger
+from genq.ledger import KEEP, Ledger, Transition
 from genq.metrics import Recorder
 from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline
-from genq.schemas import POLLING_STATES, JobKind, JobRecord, JobState, OutputFile, UpstreamJob
+from genq.schemas import POLLING_STATES, JobKind, JobRecord, JobState, OnBudget, OutputFile, UpstreamJob
 from genq.settings import PollPolicy, Settings
 from genq.workflows import WorkflowService
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 MEDIA: dict[JobKind, str] = {JobKind.IMAGE: "image", JobKind.UPSCALE: "image", JobKind.VIDEO: "video"}
 TRIGGERED_KINDS = frozenset(MEDIA)
 MAX_SUBMIT_ATTEMPTS = 5
+QUOTA_WAIT_CAP = 10.0
+"""Longest wait, in seconds, of a job finding its producer's quota full (it backs off up to this)."""
 RECORD_RETRY_SECONDS = 20.0  # the submit task's soft time limit leaves 30 s after the POST's timeouts
 
 
@@ -85,12 +88,15 @@ class JobService:
             JobState.SUBMITTING,
             expect_gen=gen,
             parent_live=True,
+            budget=self.budgets.plan(rec, now).to_json(),
             submit_attempts=rec.submit_attempts + 1,
             due_at=now + self._submit_window(),
         )
         if moved.reason == "parent":
             reason = f"workflow {rec.parent_id} ended before this step was submitted"
             return self._end(rec, JobState.CANCELLED, [JobState.PENDING], reason)
+        if moved.reason in ("budget", "quota", "unsettled"):
+            return self._held_back(rec, gen, moved)
         if not moved.ok:
             return [] if moved.reason == "stale" else self._submit_found(rec)
         replicas = self.settings.redis.durable_replicas
@@ -99,7 +105,8 @@ class JobService:
             exc = UpstreamUnavailable(f"ledger write not on {replicas} replica(s) yet; nothing posted")
             return self._submit_retry(rec, exc)
         try:
-            upstream = self.api.trigger(rec.kind, rec.request)
+            producer = rec.producer if self.settings.budgets.fair_shares else ""
+            upstream = self.api.trigger(rec.kind, rec.request, rec.lane.value, producer, rec.id)
         except UpstreamUnavailable as exc:
             if exc.ambiguous and not self.settings.api.submit_at_least_once:
                 return self._unknown(rec, str(exc))
@@ -110,6 +117,39 @@ class JobService:
         except GenqError as exc:
             return self._submit_retry(rec, exc)
         return self._record_submitted(rec, upstream.job_id, upstream.status.value)
+
+    def _held_back(self, rec: JobRecord, gen: int, moved: Transition) -> list[Action]:
+        """Not sent: a budget or the producer's quota said no. Past a budget the job ends ``rejected``
+        naming it, or (``on_budget=wait``) waits for the window's end; over its quota, or while only
+        unanswered POSTs fill a cap, it tries again soon. Waiting costs no attempt."""
+        if moved.reason == "budget" and rec.on_budget is OnBudget.REJECT:
+            reason = f"budget exceeded: {moved.detail}"
+            return self._end(rec, JobState.REJECTED, [JobState.PENDING], reason, expect_gen=gen)
+        now = self.clock()
+        if moved.reason == "budget":
+            delay = max(0.0, (moved.until or now) - now) + self.rng.uniform(0.0, 5.0)
+            note = f"waiting for budget {moved.detail} (window ends in {delay:.0f}s)"
+        else:
+            # Backs off while it keeps finding no room, so a long queue behind a quota stays cheap.
+            waits = rec.budget_waits + 1
+            delay = min(QUOTA_WAIT_CAP, 0.25 * 2 ** min(waits, 8)) * self.rng.uniform(0.5, 1.0)
+            note = f"waiting for {moved.detail}" if moved.reason == "quota" else "waiting for POSTs to settle"
+        held = self.settings.poll.held(delay)
+        moved_on = self.ledger.transition(
+            rec.id,
+            [JobState.PENDING],
+            JobState.PENDING,
+            expect_gen=gen,
+            poll_gen=gen + 1,
+            budget_waits=rec.budget_waits + 1,
+            error=note,
+            due_at=now + delay,
+            held=held,
+        )
+        if not moved_on.ok:
+            return []
+        log.info("job %s not submitted yet: %s", rec.id, note)
+        return [] if held else [SubmitLater(rec.id, delay, gen + 1, rec.batch)]
 
     def _record_submitted(self, rec: JobRecord, upstream_id: str, status: str) -> list[Action]:
         """The POST was answered: its id is the only handle on a paid job. A ledger failing over (a
@@ -163,14 +203,18 @@ class JobService:
             cap=60.0,
             rng=self.rng,
         )
+        # Only an answer that may have started the upstream job keeps its budget charge.
+        refund = not getattr(exc, "ambiguous", False)
         if isinstance(verdict, retry.GiveUp):
-            return self._end(rec, JobState.FAILED, [JobState.SUBMITTING], f"submit {verdict.reason}")
+            reason = f"submit {verdict.reason}"
+            return self._end(rec, JobState.FAILED, [JobState.SUBMITTING], reason, refund=refund)
         gen = rec.poll_gen + 1
         held = self.settings.poll.held(verdict.delay)
         moved = self.ledger.transition(
             rec.id,
             [JobState.SUBMITTING],
             JobState.PENDING,
+            refund=refund,
             error=str(exc),
             submit_attempts=verdict.errors,
             poll_gen=gen,
@@ -180,7 +224,7 @@ class JobService:
         if not moved.ok:
             return []
         log.warning("job %s: submit not accepted (%s); again in %.1fs", rec.id, exc, verdict.delay)
-        return [] if held else [SubmitLater(rec.id, verdict.delay, gen)]
+        return [] if held else [SubmitLater(rec.id, verdict.delay, gen, rec.batch)]
 
     def _unknown(self, rec: JobRecord, detail: str) -> list[Action]:
         return self._end(rec, JobState.SUBMIT_UNKNOWN, [JobState.SUBMITTING], _unknown_reason(detail))
@@ -212,8 +256,12 @@ class JobService:
                 poll_gen=gen,
                 due_at=self.clock(),
             )
-            return [SubmitLater(rec.id, 0.0, gen)] if moved.ok else []
+            return [SubmitLater(rec.id, 0.0, gen, rec.batch)] if moved.ok else []
         return self._unknown(current, "the submitting worker stopped before recording the upstream's answer")
+
+    @cached_property
+    def budgets(self) -> BudgetBook:
+        return BudgetBook(self.ledger.redis, self.settings.budgets)
 
     def _submit_window(self) -> float:
         return self.settings.api.connect_timeout + self.settings.api.read_timeout + 5.0
@@ -235,7 +283,7 @@ class JobService:
                 expect_gen=gen,
             )
         try:
-            upstream = self.api.get_job(rec.upstream_id)
+            upstream = self.api.get_job(rec.upstream_id, rec.lane.value)
         except GenqError as exc:
             return self._poll_error(rec, exc)
         if upstream.status.working:
@@ -323,7 +371,7 @@ class JobService:
         )
         if not moved.ok:
             return None
-        return [] if held else [PollLater(rec.id, gen, delay)]
+        return [] if held else [PollLater(rec.id, gen, delay, rec.batch)]
 
     def _succeeded_upstream(self, rec: JobRecord, upstream: UpstreamJob) -> list[Action]:
         outputs = upstream.videos if rec.kind is JobKind.VIDEO else upstream.images
@@ -357,7 +405,7 @@ class JobService:
         if not moved.ok:
             return []
         log.info("job %s: upstream succeeded with %d outputs; downloading", rec.id, len(outputs))
-        return [Download(rec.id, i) for i in range(len(outputs))]
+        return [Download(rec.id, i, batch=rec.batch) for i in range(len(outputs))]
 
     # ------------------------------------------------------------------ download / finalize
 
@@ -428,7 +476,7 @@ class JobService:
         if isinstance(verdict, retry.GiveUp):
             return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index} {verdict.reason}")
         log.warning("job %s output %d: %s; again in %.1fs", rec.id, index, exc, verdict.delay)
-        return [Download(rec.id, index, tries, verdict.delay)]
+        return [Download(rec.id, index, tries, verdict.delay, rec.batch)]
 
     def finalize(self, job_id: str) -> list[Action]:
         rec = self.ledger.get(job_id)
@@ -472,10 +520,13 @@ class JobService:
         allowed: Iterable[JobState],
         reason: str,
         expect_gen: int | None = None,
+        refund: bool = False,
         **fields: Any,
     ) -> list[Action]:
         """Move the job to a terminal state with its reason (if it is still in ``allowed``)."""
-        moved = self.ledger.transition(rec.id, allowed, to, expect_gen=expect_gen, error=reason, **fields)
+        moved = self.ledger.transition(
+            rec.id, allowed, to, expect_gen=expect_gen, refund=refund, error=reason, **fields
+        )
         if not moved.ok:
             return []
         log.warning("job %s %s: %s", rec.id, to.value, reason)
@@ -503,7 +554,7 @@ class JobService:
         moved = self.ledger.transition(
             job_id, [JobState.PARKED], JobState.PENDING, poll_gen=gen, due_at=self.clock()
         )
-        return [SubmitLater(job_id, 0.0, gen)] if moved.ok else []
+        return [SubmitLater(job_id, 0.0, gen, rec.batch)] if moved.ok else []
 
     def abandon(self, job_id: str, reason: str) -> list[Action]:
         """End a job that cannot make progress, whatever step it is at."""

@@ -84,6 +84,36 @@ def limit_window(family: str) -> str:
     return f"{PREFIX}:limit:window:{family}"
 
 
+def limit_lane_window(family: str) -> str:
+    """Sorted set: admission times of one family's interactive calls in the current window."""
+    return f"{PREFIX}:limit:lane:{family}:interactive"
+
+
+def limit_batch_waiting(family: str) -> str:
+    """String with a short TTL: a batch call of this family was turned away lately."""
+    return f"{PREFIX}:limit:lane:{family}:batch-waiting"
+
+
+def limit_batch_turn(family: str) -> str:
+    """String with a TTL: when (Redis time) the next turned-away batch call of this family may try again."""
+    return f"{PREFIX}:limit:lane:{family}:batch-turn"
+
+
+def limit_batch_turns(family: str) -> str:
+    """Hash with a TTL: job id -> the turn its turned-away batch call was given (it keeps its place)."""
+    return f"{PREFIX}:limit:lane:{family}:batch-turns"
+
+
+def limit_turned_away(family: str) -> str:
+    """Hash: producer -> when its last call of this family was turned away (dropped when admitted)."""
+    return f"{PREFIX}:limit:away:{family}"
+
+
+def limit_producer_window(family: str, producer: str) -> str:
+    """Sorted set: admission times of one producer's calls of this family in the current window."""
+    return f"{PREFIX}:limit:producer:{family}:{producer}"
+
+
 LIMIT_BLOCKED = f"{PREFIX}:limit:blocked"
 """String: until when (Redis time) the upstream is closed after a 429."""
 
@@ -91,3 +121,23 @@ LIMIT_BLOCKED = f"{PREFIX}:limit:blocked"
 def deliveries(task_id: str) -> str:
     """Counter: how many times one task message was delivered to a worker."""
     return f"{PREFIX}:deliveries:{task_id}"
+
+
+TOTAL_SCOPE = "*"
+"""The budget scope of every producer together (no producer id can be ``*``)."""
+SPEND_PREFIX = f"{PREFIX}:spend:"
+INFLIGHT_PREFIX = f"{PREFIX}:inflight:"
+PRODUCERS = f"{PREFIX}:producers"
+"""Set: every producer id that has been charged for a trigger (what ``genq budgets`` lists)."""
+
+
+def spend(scope: str, period: str, start: int) -> str:
+    """Hash: paid triggers of one producer (``*``: all) in one budget window: ``t`` triggers and ``c``
+    cost units charged, ``pt``/``pc`` the part whose POST has not been answered yet. ``period`` is
+    ``h`` or ``d``, ``start`` the window's start (Unix seconds); expires a while after the window."""
+    return f"{SPEND_PREFIX}{scope}:{period}:{start}"
+
+
+def inflight(producer: str) -> str:
+    """Set: ids of one producer's jobs submitted (or being submitted) and not ended: its quota."""
+    return f"{INFLIGHT_PREFIX}{producer}"

@@ -27,12 +27,13 @@ _TRANSITION = """
 -- KEYS: job, events, due, counts, callbacks due, expiring
 -- ARGV: id, from (comma list), to, now, expect_gen, due ('' keep, '-' drop, else score), ttl,
 --       callback due score (used when the job ends and has a callback), parent must be live ('1'/''),
---       fields...
+--       budget plan (JSON, '' for none: see genq.budgets), 'refund' when a job leaving submitting
+--       was surely not acted on upstream, fields...
 local terminal = @TERMINAL@
 -- One read and one write of the record per step: every field this script needs comes in one HMGET,
 -- and every field it sets goes out in one HSET (Redis runs the script atomically either way).
 local rec = redis.call('HMGET', KEYS[1], 'state', 'poll_gen', 'kind', 'parent_id', 'callback',
-                    'callback_state')
+                    'callback_state', 'producer', 'charge')
 local cur = rec[1]
 if not cur then return {0, '', 'missing'} end
 local allowed = false
@@ -47,13 +48,65 @@ if ARGV[9] == '1' and parent ~= '' then
   if ps == false or terminal[ps] then return {0, cur, 'parent'} end
 end
 local set = {'state', ARGV[3], 'updated_at', ARGV[4]}
+if ARGV[10] ~= '' then
+  -- The budgets are checked and charged in the same step as the claim on the POST, so no number of
+  -- concurrent submits can pass a cap. Checks: {key, field, cap, add, name, window end}.
+  local plan = cjson.decode(ARGV[10])
+  for _, c in ipairs(plan.checks) do
+    local used = tonumber(redis.call('HGET', c[1], c[2]) or '0')
+    if used + c[4] > c[3] + 1e-9 then
+      -- Charged POSTs still unanswered may yet be refunded: wait for them rather than reject.
+      local open = tonumber(redis.call('HGET', c[1], 'p' .. c[2]) or '0')
+      if open > 1e-9 and used - open + c[4] <= c[3] + 1e-9 then return {0, cur, 'unsettled', c[5], '0'} end
+      return {0, cur, 'budget', c[5], tostring(c[6])}
+    end
+  end
+  local q = plan.quota
+  if q and redis.call('SCARD', q[1]) >= q[2] and redis.call('SISMEMBER', q[1], ARGV[1]) == 0 then
+    return {0, cur, 'quota', q[3], '0'}
+  end
+  for _, e in ipairs(plan.charge) do
+    redis.call('HINCRBY', e[1], 't', 1)
+    redis.call('HINCRBY', e[1], 'pt', 1)
+    redis.call('HINCRBYFLOAT', e[1], 'c', e[2])
+    redis.call('HINCRBYFLOAT', e[1], 'pc', e[2])
+    redis.call('EXPIRE', e[1], e[3])
+  end
+  set[#set + 1] = 'charge'
+  set[#set + 1] = cjson.encode(plan.charge)
+  redis.call('SADD', '@INFLIGHT@' .. plan.producer, ARGV[1])
+  redis.call('SADD', '@PRODUCERS@', plan.producer)
+end
 -- The callback fields as they will be after this step's fields are written.
 local callback, cs = rec[5] or '', rec[6] or ''
-for i = 10, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   set[#set + 1] = ARGV[i]
   set[#set + 1] = ARGV[i + 1]
   if ARGV[i] == 'callback' then callback = ARGV[i + 1]
   elseif ARGV[i] == 'callback_state' then cs = ARGV[i + 1] end
+end
+if terminal[ARGV[3]] or ARGV[3] == 'pending' or ARGV[3] == 'parked' then
+  -- No longer in flight: its producer's quota has room again.
+  local producer = rec[7]
+  if producer and producer ~= '' then redis.call('SREM', '@INFLIGHT@' .. producer, ARGV[1]) end
+end
+if cur == 'submitting' and ARGV[3] ~= 'submitting' then
+  -- The POST was answered (or given up on): its charge is settled, or refunded when the upstream
+  -- surely did not act on it. An ambiguous ending keeps it: the money may have been spent.
+  local charge = rec[8]
+  if charge and charge ~= '' then
+    for _, e in ipairs(cjson.decode(charge)) do
+      if redis.call('EXISTS', e[1]) == 1 then
+        redis.call('HINCRBY', e[1], 'pt', -1)
+        redis.call('HINCRBYFLOAT', e[1], 'pc', -e[2])
+        if ARGV[11] == 'refund' then
+          redis.call('HINCRBY', e[1], 't', -1)
+          redis.call('HINCRBYFLOAT', e[1], 'c', -e[2])
+        end
+      end
+    end
+    redis.call('HDEL', KEYS[1], 'charge')
+  end
 end
 local callback_due = false
 if ARGV[7] ~= '' and callback ~= '' then
@@ -99,6 +152,8 @@ def _lua_set(values: Iterable[str]) -> str:
 _TRANSITION = (
     _TRANSITION.replace("@MAXLEN@", str(keys.EVENTS_MAXLEN))
     .replace("@JOB_PREFIX@", keys.JOB_PREFIX)
+    .replace("@INFLIGHT@", keys.INFLIGHT_PREFIX)
+    .replace("@PRODUCERS@", keys.PRODUCERS)
     .replace("@TERMINAL@", _lua_set(s.value for s in TERMINAL_STATES))
 )
 
@@ -261,7 +316,13 @@ class Transition:
 
     ok: bool
     previous: JobState | None
-    reason: str  # 'ok', 'state' (not in an allowed state), 'stale' (poll generation moved), 'missing'
+    reason: str  # 'ok', 'state' (not in an allowed state), 'stale' (poll generation moved), 'missing',
+    # 'parent' (its workflow ended), and with a budget plan: 'budget' (a cap would be passed), 'quota'
+    # (the producer's in-flight quota is full), 'unsettled' (only unanswered POSTs fill the cap)
+    detail: str = ""
+    """The budget or quota that refused the move."""
+    until: float | None = None
+    """When the refusing budget's window ends (Unix time), for 'budget'."""
 
 
 def to_field(value: Any) -> str:
@@ -304,6 +365,7 @@ class Ledger:
         model_id: str | None = None,
         parent_id: str | None = None,
         callback: Mapping[str, Any] | None = None,
+        routing: Mapping[str, Any] | None = None,
     ) -> Created:
         """Record a new job: ``pending``, or ``parked`` when ``model_id`` names a model still training.
         With an idempotency key seen before, nothing is written and the earlier job's id comes back."""
@@ -320,6 +382,7 @@ class Ledger:
             "parent_id": parent_id,
             "callback": dict(callback) if callback else None,
             "callback_id": uuid.uuid4().hex if callback else None,
+            **(routing or {}),  # producer, lane, on_budget
         }
         idem_key = keys.idempotency(idempotency_key) if idempotency_key else ""
         model_keys = [keys.model(model_id), keys.model_parked(model_id)] if model_id else ["", ""]
@@ -350,6 +413,8 @@ class Ledger:
         due_at: float | object | None = KEEP,
         held: bool = False,
         parent_live: bool = False,
+        budget: str = "",
+        refund: bool = False,
         **fields: Any,
     ) -> Transition:
         """Move ``job_id`` to ``to`` if it is in one of ``allowed`` (and, with ``expect_gen``, its poll
@@ -361,7 +426,9 @@ class Ledger:
         index; :data:`KEEP` leaves it. Terminal states drop it and start the record's TTL.
 
         With ``parent_live`` the move is refused (reason ``'parent'``) when the job's workflow has
-        ended, checked in the same atomic step."""
+        ended, checked in the same atomic step. ``budget`` (a :meth:`genq.budgets.Plan.to_json`)
+        checks and charges the spend budgets and the in-flight quota in that step too. ``refund``: a
+        job leaving ``submitting`` gets its charge back (the upstream surely did not act on it)."""
         if to.terminal:
             due_at = None
             fields.setdefault("finished_at", self.clock())
@@ -381,15 +448,29 @@ class Ledger:
             self.job_ttl if to.terminal else "",
             self.clock() + self.grace,
             "1" if parent_live else "",
+            budget,
+            "refund" if refund else "",
         ]
         for name, value in fields.items():
             args += [name, to_field(value)]
-        ok, prev, reason = self._transition(
+        ok, prev, reason, *extra = self._transition(
             keys=[keys.job(job_id), keys.EVENTS, keys.DUE, keys.COUNTS, keys.CALLBACKS_DUE, keys.EXPIRING],
             args=args,
         )
         prev_text = as_text(prev)
-        return Transition(bool(ok), JobState(prev_text) if prev_text else None, as_text(reason))
+        detail, until = (as_text(extra[0]), float(as_text(extra[1])) or None) if extra else ("", None)
+        return Transition(
+            bool(ok), JobState(prev_text) if prev_text else None, as_text(reason), detail, until
+        )
+
+    def batch_lane(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` in the batch lane (one round trip)."""
+        if not job_ids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "lane")
+        return {j for j, lane in zip(job_ids, pipe.execute(), strict=True) if as_text(lane) == "batch"}
 
     def record_output(self, job_id: str, output: OutputFile) -> int:
         """Store one downloaded output; returns how many are still missing (-1: job not downloading)."""

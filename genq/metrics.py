@@ -210,8 +210,10 @@ class MeteredLimiter(UpstreamLimiter):
         super().__init__(inner.redis, inner.limits)
         self.recorder = recorder
 
-    def acquire(self, family: str) -> tuple[Permit | None, float]:
-        permit, wait = super().acquire(family)
+    def acquire(
+        self, family: str, lane: str = "", producer: str = "", caller: str = ""
+    ) -> tuple[Permit | None, float]:
+        permit, wait = super().acquire(family, lane, producer, caller)
         if permit is None:
             self.recorder.throttled(family, wait)
         return permit, wait

@@ -23,14 +23,16 @@ import redis
 from celery import Celery
 
 from genq import control, intake
+from genq.budgets import BudgetBook, BudgetReport
 from genq.callbacks import check_callback
-from genq.celeryconf import TASK_QUEUES, Task, celery_config
+from genq.celeryconf import TASK_QUEUES, Task, celery_config, lane_priority
 from genq.errors import EnqueueError, GenqError, InvalidRequest, JobFailed, WaitTimeout
 from genq.intake import AnyRequest
+from genq.keys import TOTAL_SCOPE
 from genq.ledger import JobEvent
 from genq.metrics import sent_at_header
 from genq.model_ledger import ModelLedger
-from genq.schemas import JobKind, JobRecord, JobState, ModelId, ModelRecord
+from genq.schemas import DEFAULT_PRODUCER, JobKind, JobRecord, JobState, Lane, ModelId, ModelRecord
 from genq.services import insecure_tls_warning, ledger_for, redis_client
 from genq.settings import Settings, get_settings
 
@@ -56,8 +58,12 @@ class JobHandle:
 class Producer:
     """Submits jobs and reads their records. Thread-safe; build one per process and reuse it."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, producer_id: str = DEFAULT_PRODUCER) -> None:
+        """``producer_id`` names this app for budgets, quotas and fair shares (a submit may name
+        another with ``producer=``); its lane and ``on_budget`` default to its policy in
+        ``GENQ_BUDGETS_PRODUCERS``, and a submit may override them (``lane="batch"``)."""
         self.settings = settings or get_settings()
+        self.producer_id = producer_id
         insecure = insecure_tls_warning(self.settings)
         if insecure:
             log.warning(insecure)
@@ -130,6 +136,7 @@ class Producer:
         if isinstance(request, dict):
             request = intake.validate(request)
         check_callback(request.callback, self.settings)
+        request = intake.routed(request, self.settings.budgets, self.producer_id)
         try:
             accepted = intake.accept(self.ledger, request, idempotency_key=idempotency_key)
             durable = self.ledger.make_durable(
@@ -142,13 +149,17 @@ class Producer:
         if not durable:  # a failover now could lose the record: the caller must not count on it yet
             raise EnqueueError(f"job {accepted.id} not yet on a replica; submit it again with the same key")
         for job_id in accepted.to_submit:
-            self._send(job_id)
+            self._send(job_id, batch=request.lane is Lane.BATCH)
         return JobHandle(accepted.id, accepted.created, self)
 
-    def _send(self, job_id: str, gen: int = 0) -> None:
+    def _send(self, job_id: str, gen: int = 0, batch: bool = False) -> None:
         try:
             self.celery.send_task(
-                Task.SUBMIT, args=[job_id, gen], queue=TASK_QUEUES[Task.SUBMIT], headers=sent_at_header()
+                Task.SUBMIT,
+                args=[job_id, gen],
+                queue=TASK_QUEUES[Task.SUBMIT],
+                headers=sent_at_header(),
+                priority=lane_priority(batch),
             )
         except Exception as exc:  # kombu raises several unrelated types for a dead broker
             # The job is recorded and due: the sweeper sends it once the broker is back. Failing it
@@ -168,6 +179,16 @@ class Producer:
         if not 0 <= index < len(record.remote_ids):
             raise InvalidRequest(f"invalid request: source_job {job_id} has no output {index}")
         return record.remote_ids[index]
+
+    # ------------------------------------------------------------------ budgets
+
+    def budget(self, producer_id: str | None = None) -> BudgetReport:
+        """What this producer (or ``producer_id``) may still spend: its in-flight jobs against its
+        quota and its hour and day windows against their caps, with the total's windows."""
+        book = BudgetBook(self.redis, self.settings.budgets)
+        now = self.ledger.clock()
+        usage = book.usage(producer_id or self.producer_id, now)
+        return BudgetReport(producer=usage, total=book.windows(TOTAL_SCOPE, now))
 
     # ------------------------------------------------------------------ models
 
@@ -259,7 +280,7 @@ class Producer:
         gen = control.resubmit(self.ledger, job_id)
         if gen is None:
             return False
-        self._send(job_id, gen)
+        self._send(job_id, gen, self.status(job_id).batch)
         return True
 
     def cancel(self, job_id: str) -> bool:

@@ -42,6 +42,7 @@ class JobState(StrEnum):
     TIMED_OUT = "timed_out"  # the poll deadline passed
     CANCELLED = "cancelled"  # a producer cancelled it
     SUBMIT_UNKNOWN = "submit_unknown"  # a submit was interrupted mid-POST; not retried to avoid paying twice
+    REJECTED = "rejected"  # never sent: it would have passed a spend budget; ``error`` names the budget
 
     @property
     def terminal(self) -> bool:
@@ -49,7 +50,14 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset(
-    {JobState.SUCCEEDED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANCELLED, JobState.SUBMIT_UNKNOWN}
+    {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.TIMED_OUT,
+        JobState.CANCELLED,
+        JobState.SUBMIT_UNKNOWN,
+        JobState.REJECTED,
+    }
 )
 POLLING_STATES = frozenset({JobState.SUBMITTED, JobState.RUNNING})
 
@@ -67,6 +75,24 @@ class UpstreamStatus(StrEnum):
     def working(self) -> bool:
         return self in (UpstreamStatus.CREATED, UpstreamStatus.QUEUED, UpstreamStatus.RUNNING)
 
+
+class Lane(StrEnum):
+    """Which queue a job's steps wait in: interactive work goes ahead of any batch backlog."""
+
+    INTERACTIVE = "interactive"  # someone is waiting for it
+    BATCH = "batch"  # backfills and bulk work; a reserved share of the upstream rate keeps it moving
+
+
+class OnBudget(StrEnum):
+    """What happens to a job that would pass a spend budget."""
+
+    REJECT = "reject"  # it ends ``rejected`` with the budget named, never sent
+    WAIT = "wait"  # it stays pending until the budget's next window starts
+
+
+DEFAULT_PRODUCER = "default"
+ProducerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+"""Names the app a job comes from (budgets, quotas and fair shares are per producer)."""
 
 # ---------------------------------------------------------------- producer requests
 
@@ -92,15 +118,25 @@ class WebhookCallback(BaseModel):
 Callback = TaskCallback | WebhookCallback
 
 
+ROUTING_FIELDS = frozenset({"callback", "producer", "lane", "on_budget"})
+"""Request fields that steer genqueue and are never sent upstream."""
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     callback: Callback | None = None
     """Where to report the end of the job (not sent upstream)."""
+    producer: ProducerId | None = None
+    """The app the job comes from; ``default`` when none (not sent upstream)."""
+    lane: Lane | None = None
+    """``interactive`` or ``batch``; the producer's default lane when none (not sent upstream)."""
+    on_budget: OnBudget | None = None
+    """``reject`` or ``wait`` when a spend budget is used up; the producer's setting when none."""
 
     def upstream_body(self) -> dict[str, Any]:
         """The JSON body of the upstream trigger."""
-        return self.model_dump(exclude_none=True, exclude={"kind", "callback"})
+        return self.model_dump(exclude_none=True, exclude={"kind", *ROUTING_FIELDS})
 
 
 ImageId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")]
@@ -330,6 +366,12 @@ class JobRecord(BaseModel):
     callback_error: str | None = None
     outputs: list[OutputFile] = Field(default_factory=list)
     finished_at: float | None = None
+    producer: str = DEFAULT_PRODUCER
+    """The app the job comes from (its budgets and quota)."""
+    lane: Lane = Lane.INTERACTIVE
+    on_budget: OnBudget = OnBudget.REJECT
+    budget_waits: int = 0
+    """Submits held back by a quota or a budget (they cost no attempt)."""
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -356,11 +398,19 @@ class JobRecord(BaseModel):
         ):
             if data.get(key) == "":
                 data[key] = None
+        for key in ("producer", "lane", "on_budget"):
+            if not data.get(key):
+                data.pop(key, None)  # a record written before lanes and budgets: the defaults
         return cls.model_validate(data)
 
     @property
     def terminal(self) -> bool:
         return self.state.terminal
+
+    @property
+    def batch(self) -> bool:
+        """In the batch lane: its messages wait behind interactive work."""
+        return self.lane is Lane.BATCH
 
 
 # ---------------------------------------------------------------- model training

@@ -131,6 +131,9 @@ class Services:
                 },
                 total_rate=limits.rate,
                 max_concurrent=limits.max_concurrent,
+                batch_share=settings.budgets.batch_share,
+                weights={name: policy.weight for name, policy in settings.budgets.producers.items()},
+                other_weight=settings.budgets.others.weight,
                 lease_seconds=settings.api.connect_timeout + settings.api.read_timeout + 5,
             ),
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import ssl
 from functools import lru_cache
 from pathlib import Path
@@ -356,6 +357,87 @@ class LimitSettings(_Group):
     """Upstream requests in flight at once."""
 
 
+class BudgetCaps(_Group):
+    """Caps on paid triggers in fixed UTC windows (an hour from :00, a day from midnight). ``None``: no
+    cap; 0 stops every trigger."""
+
+    triggers_per_hour: int | None = Field(None, ge=0)
+    """Paid POSTs per hour."""
+    triggers_per_day: int | None = Field(None, ge=0)
+    """Paid POSTs per day."""
+    cost_per_hour: float | None = Field(None, ge=0)
+    """Cost units per hour (see ``GENQ_BUDGETS_COSTS``)."""
+    cost_per_day: float | None = Field(None, ge=0)
+    """Cost units per day."""
+
+
+class ProducerPolicy(BudgetCaps):
+    """One producer app's caps, quota, lane and share."""
+
+    max_in_flight: int | None = Field(None, ge=1)
+    """Jobs of this producer submitted and not yet ended, at most; more wait their turn (pending)."""
+    lane: Literal["interactive", "batch"] = "interactive"
+    """The lane of its jobs unless a submit says otherwise."""
+    on_budget: Literal["reject", "wait"] = "reject"
+    """A job past a cap ends ``rejected``, or (``wait``) stays pending until the next window."""
+    weight: float = Field(1.0, gt=0)
+    """Its share of the trigger rate against other producers with work waiting."""
+
+
+class CostTable(_Group):
+    """Cost units of one trigger of each kind, for the ``cost_per_*`` caps."""
+
+    image: float = Field(1.0, ge=0)
+    """Per image asked for (``num_images``)."""
+    upscale: float = Field(1.0, ge=0)
+    """Per upscale."""
+    video_second: float = Field(1.0, ge=0)
+    """Per second of video asked for (``duration``)."""
+
+
+_PRODUCER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class BudgetSettings(_Group):
+    """Spend budgets, in-flight quotas, lanes and fair shares per producer app (the id it sends,
+    ``default`` when none), and budgets over all of them. Each is JSON; nothing is capped by default.
+
+    For example::
+
+        GENQ_BUDGETS_TOTAL='{"triggers_per_day": 20000}'
+        GENQ_BUDGETS_PRODUCERS='{"backfill": {"triggers_per_hour": 2000, "lane": "batch",
+                                "on_budget": "wait", "max_in_flight": 50}}'
+    """
+
+    total: BudgetCaps = BudgetCaps()
+    """Caps over every producer together."""
+    producers: dict[str, ProducerPolicy] = {}
+    """Producer id -> its caps, ``max_in_flight``, default ``lane``, ``on_budget`` and ``weight``."""
+    others: ProducerPolicy = ProducerPolicy()
+    """The policy of each producer not named in ``producers`` (each counted on its own)."""
+    costs: CostTable = CostTable()
+    """Cost units per kind: ``{"image": 1, "upscale": 1, "video_second": 1}`` unless set."""
+    fair_shares: bool = True
+    """Share the trigger rate (``GENQ_LIMITS_TRIGGER_RATE``, else ``GENQ_LIMITS_RATE``) between producers
+    by their ``weight`` while more than one has work waiting; ``false``: first come, first served."""
+    batch_share: float = Field(0.2, ge=0, lt=1)
+    """Share of the trigger and status rates (``GENQ_LIMITS_*``) kept for the batch lane while it has
+    work waiting, so a steady interactive load never starves it."""
+
+    @field_validator("producers")
+    @classmethod
+    def _names(cls, value: dict[str, ProducerPolicy]) -> dict[str, ProducerPolicy]:
+        for name in value:
+            if not _PRODUCER_NAME.match(name):
+                raise ValueError(
+                    f"{name[:80]!r} is not a producer id (letters, digits, '.', '_', '-'; up to 64)"
+                )
+        return value
+
+    def policy(self, producer: str) -> ProducerPolicy:
+        return self.producers.get(producer, self.others)
+
+
 class CallbackSettings(OutboundRules):
     """Completion callbacks to producer apps (a Celery task by name, or a signed webhook)."""
 
@@ -468,6 +550,7 @@ class Settings(BaseSettings):
     poll: PollSettings = PollSettings()
     download: DownloadSettings = DownloadSettings()
     limits: LimitSettings = LimitSettings()
+    budgets: BudgetSettings = BudgetSettings()
     callbacks: CallbackSettings = CallbackSettings()
     worker: WorkerSettings = WorkerSettings()
     flower: FlowerSettings = FlowerSettings()

@@ -37,7 +37,8 @@ class WorkflowService:
         Starts what is missing, or ends it. Idempotent."""
         if parent.state is JobState.PENDING:
             request = WorkflowRequest.model_validate(parent.request)
-            return [SubmitLater(job_id, 0.0) for job_id in start_workflow(self.ledger, parent.id, request)]
+            started = start_workflow(self.ledger, parent.id, request)
+            return [SubmitLater(job_id, 0.0, batch=parent.batch) for job_id in started]
         if parent.state is not JobState.RUNNING or not parent.children:
             return []
         generated = self.ledger.get(parent.children[0])
@@ -50,13 +51,21 @@ class WorkflowService:
         steps: list[str] = [generated.id]
         actions: list[Action] = []
         for index, image_id in enumerate(generated.remote_ids):
-            upscale = UpscaleRequest(image_id=image_id, factor=request.upscale_factor)
+            upscale = UpscaleRequest(
+                image_id=image_id,
+                factor=request.upscale_factor,
+                producer=parent.producer,
+                lane=parent.lane,
+                on_budget=parent.on_budget,
+            )
             # Keyed per output, so a duplicate finalize of the generate step starts nothing twice.
             made = accept(
                 self.ledger, upscale, idempotency_key=f"{parent.id}:upscale:{index}", parent_id=parent.id
             )
             steps.append(made.id)
-            actions += [SubmitLater(job_id, 0.0) for job_id in made.to_submit if made.created]
+            actions += [
+                SubmitLater(job_id, 0.0, batch=parent.batch) for job_id in made.to_submit if made.created
+            ]
         self.ledger.set_fields(parent.id, children=steps)
         return actions
 

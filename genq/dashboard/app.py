@@ -39,6 +39,8 @@ from aiohttp import web
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from genq.budgets import BudgetBook
+from genq.clock import RedisClock
 from genq.dashboard import plots
 from genq.dashboard.queries import JOB_ID, JobFilter, Queries, per_minute, xrange_entries
 from genq.errors import GenqError
@@ -570,12 +572,19 @@ def broker_health(settings: Any) -> Callable[[], dict[str, Any]]:
 
     probe = exporter.queue_probe(settings)
     client = redis_client(settings)
+    book = BudgetBook(client, settings.budgets)
+    clock = RedisClock(client)
 
     def read() -> dict[str, Any]:
         out: dict[str, Any] = {}
         try:
             c = metrics.read(client)
             out["upstream_errors"] = {f"{fam} {cls}": n for (fam, cls), n in c.errors.items()}
+            total, usage = book.report(clock())
+            out["budgets"] = {
+                "total": [t.model_dump() for t in total],
+                "producers": [u.model_dump() for u in usage],
+            }
         except redis.RedisError as exc:
             out["upstream_errors"] = {}
             out["redis_error"] = type(exc).__name__

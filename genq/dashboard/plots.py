@@ -15,6 +15,7 @@ PALETTE = {
     "timed_out": "#e67e22",
     "cancelled": "#7f8c8d",
     "submit_unknown": "#8e44ad",
+    "rejected": "#b7950b",
     "p50": "#2c7fb8",
     "p95": "#d95f0e",
 }

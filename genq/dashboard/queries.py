@@ -86,6 +86,8 @@ def summary(rec: JobRecord) -> dict[str, Any]:
         "id": rec.id,
         "kind": rec.kind.value,
         "state": rec.state.value,
+        "producer": rec.producer,
+        "lane": rec.lane.value,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
         "finished_at": rec.finished_at,
@@ -462,6 +464,7 @@ _STEP_NAMES = {
     "timed_out": "timed out",
     "cancelled": "cancelled",
     "submit_unknown": "submit unknown",
+    "rejected": "rejected by a budget",
 }
 
 
@@ -488,7 +491,7 @@ def timeline(rec: JobRecord, events: Iterable[JobEvent]) -> list[dict[str, Any]]
         detail = f"{e.from_state} -> {e.to_state}" if e.from_state else f"created as {e.to_state}"
         if e.to_state == "submitted" and rec.upstream_id:
             detail += f" (upstream job {rec.upstream_id})"
-        if e.to_state in ("failed", "timed_out", "cancelled", "submit_unknown") and rec.error:
+        if e.to_state in ("failed", "timed_out", "cancelled", "submit_unknown", "rejected") and rec.error:
             detail += f": {redact(rec.error)}"
         steps.append({"at": e.at, "step": _STEP_NAMES.get(e.to_state, e.to_state), "detail": detail})
     if rec.polls:

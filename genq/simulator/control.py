@@ -83,7 +83,10 @@ async def control_jobs(request: web.Request) -> web.StreamResponse:
     """Every job created, with its kind and request body: lets a test attribute each upstream job
     (and so each paid POST) to the request that made it."""
     state = state_of(request)
-    jobs = [{"jobId": j.job_id, "kind": j.kind, "request": j.request} for j in state.jobs.values()]
+    jobs = [
+        {"jobId": j.job_id, "kind": j.kind, "request": j.request, "createdAt": j.created_at}
+        for j in state.jobs.values()
+    ]
     return web.json_response({"jobs": jobs})
 
 

@@ -72,7 +72,7 @@ class SimulatorProcess:
         return truth
 
     def jobs(self) -> list[dict[str, Any]]:
-        """Every job the simulator created: ``jobId``, ``kind`` and the request body."""
+        """Every job the simulator created: ``jobId``, ``kind``, the request body and ``createdAt``."""
         result: list[dict[str, Any]] = self._control("GET", "/_sim/jobs")["jobs"]
         return result
 

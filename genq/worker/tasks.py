@@ -17,7 +17,7 @@ from genq.actions import (
     SubmitLater,
     TrainLater,
 )
-from genq.celeryconf import Task
+from genq.celeryconf import Task, lane_priority
 from genq.worker.celery_app import app
 from genq.worker.runtime import services
 
@@ -25,7 +25,8 @@ from genq.worker.runtime import services
 @app.task(name=Task.INTAKE)
 def intake(request: dict[str, Any], request_id: str) -> None:
     ready = intake_service.intake(services().ledger, request, request_id, services().settings)
-    dispatch(SubmitLater(job_id, 0.0) for job_id in ready)
+    in_batch = services().ledger.batch_lane(ready)
+    dispatch(SubmitLater(job_id, 0.0, batch=job_id in in_batch) for job_id in ready)
 
 
 @app.task(name=Task.SUBMIT)
@@ -78,12 +79,14 @@ def dispatch(actions: Iterable[Action]) -> None:
     """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
     for action in actions:
         match action:
-            case SubmitLater(job_id, delay, gen):
-                submit.apply_async((job_id, gen), countdown=delay or None)
-            case PollLater(job_id, gen, delay):
-                poll.apply_async((job_id, gen), countdown=delay)
-            case Download(job_id, index, attempt, delay):
-                download.apply_async((job_id, index, attempt), countdown=delay or None)
+            case SubmitLater(job_id, delay, gen, batch):
+                submit.apply_async((job_id, gen), countdown=delay or None, priority=lane_priority(batch))
+            case PollLater(job_id, gen, delay, batch):
+                poll.apply_async((job_id, gen), countdown=delay, priority=lane_priority(batch))
+            case Download(job_id, index, attempt, delay, batch):
+                download.apply_async(
+                    (job_id, index, attempt), countdown=delay or None, priority=lane_priority(batch)
+                )
             case Finalize(job_id):
                 finalize.apply_async((job_id,))
             case TrainLater(model_id, delay, gen):

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genq.budgets import cost_of
 from genq.producer import EnqueueError, Producer
 from genq.schemas import JobKind, JobRecord, JobState
+from genq.settings import CostTable
 from tests.helpers import Stack
 
 POLL = '{"first_delay": 0.5, "interval": 0.5, "backoff": 1.3, "max_interval": 2, "deadline": 25}'
@@ -32,6 +34,9 @@ class Plan:
     concurrency: int = 2
     rate_limit: float = 40.0  # GENQ_LIMITS_RATE: requests per second over all workers
     submit_seconds: float = 20.0  # spread submissions over this long
+    trigger_cap: int | None = None  # GENQ_BUDGETS_TOTAL triggers_per_day: paid POSTs over all producers
+    cost_cap: float | None = None  # the chaos producer's cost_per_day (image 1 per image, video 1/s)
+    max_in_flight: int | None = None  # the chaos producer's quota
 
 
 @dataclass
@@ -51,6 +56,11 @@ class Figures:
     partial_files: int = 0
     max_rate_1s: float = 0.0
     rate_limit: float = 0.0
+    rejected: int = 0
+    max_posts_per_day: int = 0  # paid POSTs in one budget window (UTC day), counted at the simulator
+    max_cost_per_day: float = 0.0
+    trigger_cap: int | None = None
+    cost_cap: float | None = None
     kills: int = 0
     child_kills: int = 0
     redis_restarts: int = 0
@@ -65,7 +75,8 @@ class Figures:
         return (
             f"chaos: accepted={self.accepted} terminal={self.terminal} succeeded={self.succeeded} "
             f"failed_with_reason={self.failed_with_reason} timed_out={self.timed_out} "
-            f"submit_unknown={self.submit_unknown} lost={self.lost} "
+            f"submit_unknown={self.submit_unknown} rejected={self.rejected} lost={self.lost} "
+            f"posts_per_day={self.max_posts_per_day} cost_per_day={self.max_cost_per_day:g} "
             f"max_posts_per_job={self.max_posts_per_job} "
             f"sha_mismatches={self.sha_mismatches} partial_files={self.partial_files} "
             f"max_rate_1s={self.max_rate_1s:.0f}/limit={self.rate_limit:.0f} kills={self.kills} "
@@ -103,7 +114,14 @@ class Chaos:
             "GENQ_API_CONNECT_TIMEOUT": "2",
             "GENQ_API_READ_TIMEOUT": "5",
         }
-        self.figures = Figures(rate_limit=plan.rate_limit)
+        if plan.trigger_cap is not None:
+            self.env["GENQ_BUDGETS_TOTAL"] = json.dumps({"triggers_per_day": plan.trigger_cap})
+        policy = {"cost_per_day": plan.cost_cap, "max_in_flight": plan.max_in_flight}
+        if any(v is not None for v in policy.values()):
+            self.env["GENQ_BUDGETS_PRODUCERS"] = json.dumps({"chaos": policy})
+        self.figures = Figures(
+            rate_limit=plan.rate_limit, trigger_cap=plan.trigger_cap, cost_cap=plan.cost_cap
+        )
         self.accepted: list[str] = []
         self.stop = threading.Event()
         self.workers = []
@@ -119,7 +137,8 @@ class Chaos:
             self.stack.worker(concurrency=self.plan.concurrency, **self.env) for _ in range(self.plan.workers)
         ]
         self.stack.beat(**self.env)
-        producer = self.stack.producer(**self.env)
+        producer = Producer(self.stack.settings(**self.env), producer_id="chaos")
+        self.stack.producers.append(producer)
         threads = [
             threading.Thread(target=self._submit, args=(producer,), daemon=True),
             threading.Thread(target=self._kill, daemon=True),
@@ -230,6 +249,7 @@ class Chaos:
         f.timed_out = states[JobState.TIMED_OUT]
         f.submit_unknown = states[JobState.SUBMIT_UNKNOWN]
         f.cancelled = states[JobState.CANCELLED]
+        f.rejected = states[JobState.REJECTED] + sum(s.state is JobState.REJECTED for s in steps)
         self._audit_posts([*records, *steps])
         self._audit_files([*records, *steps])
         stats = self.stack.sim.stats(include_jobs=False)
@@ -240,9 +260,16 @@ class Chaos:
     def _audit_posts(self, records: list[JobRecord]) -> None:
         """Attribute every upstream job to the request that made it, by its unique tag."""
         per_tag: Counter[str] = Counter()
+        per_day: Counter[str] = Counter()
+        cost_per_day: Counter[str] = Counter()
         for job in self.stack.sim.jobs():
             body = job["request"]
             per_tag[str(body.get("prompt") or body.get("image_id"))] += 1
+            day = str(job["createdAt"])[:10]  # ISO 8601 UTC: the budget's day window
+            per_day[day] += 1
+            cost_per_day[day] += cost_of(JobKind(job["kind"]), body, CostTable())
+        self.figures.max_posts_per_day = max(per_day.values(), default=0)
+        self.figures.max_cost_per_day = max(cost_per_day.values(), default=0.0)
         tags = {self._tag(r) for r in records if r.kind is not JobKind.WORKFLOW}
         self.figures.max_posts_per_job = max((per_tag[t] for t in tags), default=0)
         self.figures.unattributed_upstream_jobs = sum(n for t, n in per_tag.items() if t not in tags)

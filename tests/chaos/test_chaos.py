@@ -30,6 +30,12 @@ def _check(figures: Figures) -> None:
     assert figures.partial_files == 0, figures.line()
     assert figures.max_rate_1s <= figures.rate_limit, figures.line()
     assert figures.succeeded > figures.accepted // 2, figures.line()
+    # With budgets on: no paid POST past any cap, and the cap did bite (some jobs were rejected).
+    if figures.trigger_cap is not None:
+        assert figures.max_posts_per_day <= figures.trigger_cap, figures.line()
+        assert figures.rejected > 0, figures.line()
+    if figures.cost_cap is not None:
+        assert figures.max_cost_per_day <= figures.cost_cap, figures.line()
 
 
 def _run(stack: Stack, plan: Plan, name: str) -> Figures:
@@ -47,10 +53,19 @@ def _run(stack: Stack, plan: Plan, name: str) -> Figures:
 
 
 def test_chaos_short(stack: Stack) -> None:
-    """~100 jobs, one worker kill, one Redis crash, 10% 5xx, 429 bursts, slow spells."""
-    figures = _run(
-        stack, Plan(jobs=100, kill_every=6, kills=2, redis_restarts=1, submit_seconds=15), "chaos-short"
+    """~100 jobs, one worker kill, one Redis crash, 10% 5xx, 429 bursts, slow spells; budgets on: a
+    total trigger cap (about 85 % of the POSTs the jobs need), the producer's cost cap and quota."""
+    plan = Plan(
+        jobs=100,
+        kill_every=6,
+        kills=2,
+        redis_restarts=1,
+        submit_seconds=15,
+        trigger_cap=90,
+        cost_cap=140,
+        max_in_flight=24,
     )
+    figures = _run(stack, plan, "chaos-short")
     _check(figures)
     assert figures.kills + figures.child_kills >= 1 and figures.redis_restarts == 1
 
@@ -58,8 +73,16 @@ def test_chaos_short(stack: Stack) -> None:
 @pytest.mark.slow
 def test_chaos_full(stack: Stack) -> None:
     """500 jobs of mixed kinds, a kill every few seconds, two Redis crashes."""
-    figures = _run(
-        stack, Plan(jobs=500, kill_every=4, kills=30, redis_restarts=2, submit_seconds=90), "chaos-full"
+    plan = Plan(
+        jobs=500,
+        kill_every=4,
+        kills=30,
+        redis_restarts=2,
+        submit_seconds=90,
+        trigger_cap=460,
+        cost_cap=700,
+        max_in_flight=40,
     )
+    figures = _run(stack, plan, "chaos-full")
     _check(figures)
     assert figures.redis_restarts == 2

@@ -217,7 +217,9 @@ class Throttle:
     def __init__(self, wait: float) -> None:
         self.wait = wait
 
-    def acquire(self, family: str) -> tuple[None, float]:
+    def acquire(
+        self, family: str, lane: str = "", producer: str = "", caller: str = ""
+    ) -> tuple[None, float]:
         return None, self.wait
 
     def release(self, permit: object) -> None:

@@ -127,7 +127,9 @@ class FakeUpstream:
         if o == "404":
             raise UpstreamRejected(f"{what}: 404 not found", 404)
 
-    def trigger(self, kind: JobKind, body: dict[str, Any]) -> UpstreamJob:
+    def trigger(
+        self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "", caller: str = ""
+    ) -> UpstreamJob:
         self.calls += 1
         what = f"POST {kind.value}"
         self._fail_before_acting(what)
@@ -153,7 +155,7 @@ class FakeUpstream:
             raise ProtocolError(f"{what}: 200 answer is not JSON: '<html>'")
         return UpstreamJob.model_validate({"jobId": up.id, "status": "created"})
 
-    def get_job(self, upstream_id: str) -> UpstreamJob:
+    def get_job(self, upstream_id: str, lane: str = "") -> UpstreamJob:
         self.calls += 1
         what = f"GET /jobs/{upstream_id}"
         self._fail_before_acting(what)

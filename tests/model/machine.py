@@ -946,6 +946,19 @@ def check_i5_callbacks(m: GenqMachine) -> None:
             )
 
 
+def check_i10_budget_caps(m: GenqMachine) -> None:
+    """I10: no paid POST past a spend budget: the trigger POSTs the upstream acted on within one budget
+    window (the total's day, ``GENQ_BUDGETS_TOTAL``) never outnumber its cap, whatever races, crashes
+    and redeliveries; a job held back ends ``rejected`` with the budget named (I1 sees it end)."""
+    cap = m.settings.budgets.total.triggers_per_day
+    if cap is None:
+        return
+    per_day = Counter(int(p.at // 86400) for p in m.upstream.posts)
+    for day, count in per_day.items():
+        if count > cap:
+            m.fail("I10 budget caps", f"{count} paid POSTs in day window {day}, cap {cap}")
+
+
 STEP_CHECKS = [
     ("I1", check_i1_only_ended_records_expire),
     ("I2", check_i2_one_paid_post),
@@ -954,6 +967,7 @@ STEP_CHECKS = [
     ("I7", check_i7_keys_and_indexes),
     ("I8", check_i8_one_train_call),
     ("I9", check_i9_terminal_is_final),
+    ("I10", check_i10_budget_caps),
 ]
 END_CHECKS = [
     ("I1", check_i1_all_end),

@@ -74,6 +74,9 @@ def world_env(redis_url: str, download_dir: Path) -> dict[str, str]:
         "GENQ_CALLBACKS_MAX_ATTEMPTS": "3",
         "GENQ_CALLBACKS_BACKOFF": "2",
         "GENQ_API_SUBMIT_AT_LEAST_ONCE": os.environ.get("GENQ_MODEL_AT_LEAST_ONCE", "false"),
+        # Small enough that examples reach them: some jobs are rejected, some wait for a slot (I10).
+        "GENQ_BUDGETS_TOTAL": '{"triggers_per_day": 8}',
+        "GENQ_BUDGETS_OTHERS": '{"max_in_flight": 3}',
     }
 
 

@@ -23,6 +23,8 @@ def test_every_benchmark_of_the_issue_is_registered() -> None:
         "training",
         "redis",
         "dashboard",
+        "lanes",
+        "fairness",
     ]
 
 

@@ -447,6 +447,7 @@ def test_terminal_states() -> None:
         JobState.TIMED_OUT,
         JobState.CANCELLED,
         JobState.SUBMIT_UNKNOWN,
+        JobState.REJECTED,
     }
     assert frozenset(s for s in JobState if s.terminal) == TERMINAL_STATES
 

@@ -2,9 +2,9 @@
 // Every value from the server is put in the page as text (textContent), never as HTML.
 "use strict";
 
-const TERMINAL = new Set(["succeeded", "failed", "timed_out", "cancelled", "submit_unknown"]);
+const TERMINAL = new Set(["succeeded", "failed", "timed_out", "cancelled", "submit_unknown", "rejected"]);
 const STATES = ["parked", "pending", "submitting", "submitted", "running", "downloading",
-  "succeeded", "failed", "timed_out", "cancelled", "submit_unknown"];
+  "succeeded", "failed", "timed_out", "cancelled", "submit_unknown", "rejected"];
 const KINDS = ["image", "upscale", "video", "workflow"];
 const PAGE = 50;
 
@@ -143,7 +143,7 @@ function parseQuery(hash) {
 function jobRow(j) {
   const tr = el("tr", { "data-job": j.id },
     el("td", {}, el("a", { href: "#/job/" + j.id, class: "mono", text: j.id.slice(0, 12) })),
-    el("td", { text: j.kind }),
+    el("td", { text: j.lane === "batch" ? j.kind + " · batch" : j.kind }),
     el("td", { class: "st" }, stateBadge(j.state)),
     el("td", { text: fmtDate(j.created_at) }),
     el("td", { class: "upd", text: fmtTime(j.updated_at) }),
@@ -342,6 +342,7 @@ function viewJob(jobId) {
     const facts = el("dl", { class: "facts" });
     const fact = (k, v) => { if (v !== null && v !== undefined && v !== "") facts.append(el("dt", { text: k }), el("dd", {}, v)); };
     fact("kind", j.kind);
+    fact("producer", j.producer ? j.producer + " · " + j.lane + " lane" : "");
     fact("state", stateBadge(j.state));
     fact("created", fmtDate(j.created_at));
     fact("finished", fmtDate(j.finished_at));
@@ -490,14 +491,31 @@ function viewModels() {
 
 // ------------------------------------------------------------------ Health
 
+function budgetTable(b) {
+  // Spend against each cap this hour and today; a producer's jobs in flight against its quota.
+  const of = (used, cap) => cap === null ? String(used) : used + " / " + cap;
+  const rows = [];
+  const add = (name, lane, flight, windows) => windows.forEach((w, i) => rows.push(el("tr", {},
+    el("td", { text: i ? "" : name }), el("td", { text: i ? "" : lane }), el("td", { text: i ? "" : flight }),
+    el("td", { text: w.period }), el("td", { text: of(w.triggers, w.triggers_cap) }),
+    el("td", { text: of(w.cost, w.cost_cap) }), el("td", { text: fmtDate(w.window_end) }))));
+  add("total", "", "", b.total);
+  for (const p of b.producers) add(p.producer, p.lane, of(p.in_flight, p.max_in_flight), p.windows);
+  return el("table", { class: "jobs" },
+    el("thead", {}, el("tr", {}, ["producer", "lane", "in flight", "window", "triggers", "cost", "resets"].map((t) => el("th", { text: t })))),
+    el("tbody", {}, rows));
+}
+
 function viewHealth() {
   const names = ["throughput", "latency", "errors", "queues", "queue_age", "sweeper"];
   const imgs = names.map((n) => el("img", { class: "plot", id: "plot-" + n, alt: n, src: "/plots/" + n + ".svg" }));
   const facts = el("p", { class: "muted" });
-  show(el("h2", { text: "Health" }), facts, el("div", { class: "plots" }, imgs));
+  const budgets = el("div", { class: "budgets" });
+  show(el("h2", { text: "Health" }), facts, el("div", { class: "plots" }, imgs), el("h3", { text: "Budgets" }), budgets);
   const load = () => api("/api/health").then((h) => {
     facts.textContent = "sweeper last ran " + (h.sweep_age === null ? "never" : fmtDur(h.sweep_age) + " ago") +
       (h.broker_error ? " · " + h.broker_error : "");
+    if (h.budgets) budgets.replaceChildren(budgetTable(h.budgets));
   }).catch(() => {});
   load();
   const timer = setInterval(() => {

@@ -1,0 +1,125 @@
+"""9. Priority lanes: an interactive job behind a batch backlog.
+
+A producer ``backfill`` (lane ``batch``) queues a backlog of image jobs; a producer ``web`` (lane
+``interactive``) submits one job at a time. Both share one trigger rate (``GENQ_LIMITS_TRIGGER_RATE``),
+4 prefork slots and beat. Measured:
+
+- an interactive job's time from submit to its POST (``submitted_at - created_at``, the ledger's clock)
+  on the idle system (the baseline), then with the backlog queued: the ratio of medians (goal <= 2x);
+- batch throughput (POSTs per second at the simulator) while interactive jobs come every second,
+  against the mean of the windows just before and after without them (goal: loses <= 10 %).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from benchmarks.context import Context, settings_for
+from benchmarks.harness import stack
+from benchmarks.result import BenchResult, ChartItem, Row
+from benchmarks.stats import Goal, ratio, summary
+from genq.producer import Producer
+from genq.simulator import Duration, SimConfig
+
+NAME = "lanes"
+RATE = 20.0
+SLOTS = 4
+POLL = '{"first_delay": 0.5, "interval": 0.5, "backoff": 1, "max_interval": 0.5, "deadline": 600}'
+POSTS = "POST /images/generation"
+
+
+def run(ctx: Context) -> BenchResult:
+    backlog = ctx.size(2_000, 20_000)
+    probes = ctx.size(8, 30)
+    window = ctx.size(10.0, 30.0)
+    result = BenchResult(NAME, "Priority lanes: interactive submit->POST behind a batch backlog")
+    env = {
+        "GENQ_LIMITS_TRIGGER_RATE": str(RATE),
+        "GENQ_POLL_IMAGE": POLL,
+        "GENQ_POLL_ADAPTIVE": "false",
+        "GENQ_BUDGETS_PRODUCERS": json.dumps({"backfill": {"lane": "batch"}}),
+    }
+    result.size = {"backlog": backlog, "probes": probes, "window_s": window, "trigger_rate": RATE}
+    sim = SimConfig(
+        api_key="bench-key", images_per_job=1, image_size=16, duration=Duration(kind="fixed", value=0.5)
+    )
+    with stack(sim, ctx.workdir / NAME, NAME) as s:
+        s.worker(concurrency=SLOTS, env=env)
+        s.beat(env=env)
+        web = Producer(settings_for(s, env), producer_id="web")
+        backfill = Producer(settings_for(s, env), producer_id="backfill")
+        ctx.log(f"{NAME}: {probes} interactive jobs on the idle system")
+        idle = [_probe(web) for _ in range(probes)]
+        ctx.log(f"{NAME}: queueing {backlog} batch jobs")
+        t0 = time.monotonic()
+        for i in range(backlog):
+            backfill.submit_image(f"backfill {i}", num_images=1)
+        ctx.log(f"{NAME}: queued in {time.monotonic() - t0:.1f}s; measuring")
+        before = _batch_rate(s, window)
+        loaded, posts_during = [], _posts(s)
+        started = time.monotonic()
+        while time.monotonic() - started < window:
+            loaded.append(_probe(web))
+            time.sleep(max(0.0, 1.0 - loaded[-1]))
+        during = (_posts(s) - posts_during - len(loaded)) / (time.monotonic() - started)
+        after = _batch_rate(s, window)
+        web.close()
+        backfill.close()
+
+    idle_s, loaded_s = summary(idle), summary(loaded)
+    latency_ratio = ratio(loaded_s["p50"], idle_s["p50"])
+    without = (before + after) / 2
+    loss = (1 - during / without) if without else None
+    result.figures = {
+        "interactive_submit_to_post_loaded": loaded_s,
+        "batch_posts_per_s_with_interactive": during,
+        "batch_posts_per_s_before": before,
+        "batch_posts_per_s_after": after,
+    }
+    result.baseline = {"interactive_submit_to_post_idle": idle_s}
+    result.ratios = {"latency_p50_loaded_over_idle": latency_ratio, "batch_throughput_loss": loss}
+    met_latency = result.check(
+        Goal("interactive submit->POST p50 within 2x of idle", "latency_p50_loaded_over_idle", "<=", 2.0),
+        latency_ratio,
+    )
+    met_loss = result.check(Goal("batch throughput loses <= 10%", "batch_throughput_loss", "<=", 0.10), loss)
+    p95_ratio = ratio(loaded_s["p95"], idle_s["p95"])
+    result.rows = [
+        Row("submit->POST p50", loaded_s["p50"], idle_s["p50"], latency_ratio, "s", "<= 2x", met_latency),
+        Row("submit->POST p95", loaded_s["p95"], idle_s["p95"], p95_ratio, "s"),
+        Row("batch POSTs/s", during, without, ratio(during, without), "1/s", "<= 10% less", met_loss),
+    ]  # fmt: skip
+    result.chart = [
+        ChartItem("latency", "9 lanes: interactive submit->POST p50", loaded_s["p50"], idle_s["p50"], "s")
+    ]
+    result.notes.append(
+        f"backlog of {backlog} batch jobs behind a {RATE:g}/s trigger rate; baseline = the same "
+        "interactive job on the idle system; batch rate with interactive jobs vs the mean of the windows "
+        "before and after"
+    )
+    return result
+
+
+def _posts(s) -> int:  # type: ignore[no-untyped-def]
+    return int(s.sim.stats(include_jobs=False)["requests"].get(POSTS, 0))
+
+
+def _batch_rate(s, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    start, t0 = _posts(s), time.monotonic()
+    time.sleep(seconds)
+    return (_posts(s) - start) / (time.monotonic() - t0)
+
+
+def _probe(producer: Producer) -> float:
+    """Submit one interactive job and return seconds from its record to its POST's answer."""
+    handle = producer.submit_image("someone is waiting", num_images=1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rec = producer.status(handle.id)
+        if rec.submitted_at is not None:
+            return rec.submitted_at - rec.created_at
+        if rec.terminal:
+            break
+        time.sleep(0.01)
+    raise RuntimeError(f"interactive job {handle.id} not posted: {producer.status(handle.id).state}")

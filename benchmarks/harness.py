@@ -305,13 +305,11 @@ def stack(sim_config: SimConfig, workdir: Path, name: str) -> Iterator[Stack]:
 # ------------------------------------------------------------------ measuring
 
 
-def tree_rss(pids: Sequence[int], kind: str = "rss") -> int:
-    """Memory of these processes and all their descendants, in bytes: ``rss`` (resident, counting
-    pages shared after fork once per process) or ``pss`` (proportional: shared pages split)."""
+def _tree(pids: Sequence[int]) -> Iterator[Any]:
+    """These processes and all their descendants, each once (``psutil.Process``)."""
     import psutil
 
     seen: set[int] = set()
-    total = 0
     for pid in pids:
         try:
             root = psutil.Process(pid)
@@ -319,11 +317,20 @@ def tree_rss(pids: Sequence[int], kind: str = "rss") -> int:
         except psutil.NoSuchProcess:
             continue
         for p in procs:
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += p.memory_full_info().pss if kind == "pss" else p.memory_info().rss
+            if p.pid not in seen:
+                seen.add(p.pid)
+                yield p
+
+
+def tree_rss(pids: Sequence[int], kind: str = "rss") -> int:
+    """Memory of these processes and all their descendants, in bytes: ``rss`` (resident, counting
+    pages shared after fork once per process) or ``pss`` (proportional: shared pages split)."""
+    import psutil
+
+    total = 0
+    for p in _tree(pids):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_full_info().pss if kind == "pss" else p.memory_info().rss
     return total
 
 
@@ -334,21 +341,11 @@ def tree_cpu(pids: Sequence[int]) -> float:
     children live for the whole run, so nothing they used is lost with a reaped child."""
     import psutil
 
-    seen: set[int] = set()
     total = 0.0
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for p in procs:
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
+    for p in _tree(pids):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
     return total
 
 

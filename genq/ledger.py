@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis
 
@@ -199,17 +199,29 @@ CLAIM_DUE = """
 -- is stale. The push grows with the time the record has not moved (up to ten graces): a job held up
 -- behind a long queue is re-driven ever less often instead of once per grace, so a backlog cannot
 -- feed on itself.
+-- ARGV[6], ARGV[7]: when the oldest submit message still waiting in the interactive and the batch
+-- lane's queue was sent ('' when none or unknown). A pending job whose submit was sent since is still
+-- in that queue, not lost: it is only pushed forward, so its waiting message stays the live one.
 local now = tonumber(ARGV[1])
 local grace = tonumber(ARGV[3])
 local bump = {}
 for s in string.gmatch(ARGV[5], '[^,]+') do bump[s] = true end
+local since = {interactive = tonumber(ARGV[6]), batch = tonumber(ARGV[7])}
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
   local key = ARGV[4] .. id
-  local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind')
+  local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind', 'lane')
   local state = rec[1]
+  local queued = false
+  if state == 'pending' then
+    local oldest = since[rec[5] == 'batch' and 'batch' or 'interactive']
+    -- The margin covers the clocks: the record's is Redis's, the stamp the sender's wall clock.
+    queued = oldest ~= nil and tonumber(rec[3] or '0') + @MARGIN@ >= oldest
+  end
   if not state then
     redis.call('ZREM', KEYS[1], id)
+  elseif queued then
+    redis.call('ZADD', KEYS[1], now + grace, id)
   else
     local gen = tonumber(rec[2] or '0')
     if bump[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
@@ -223,6 +235,22 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
 end
 return out
 """
+
+QUEUED_MARGIN = 2.0
+"""Seconds of clock difference allowed between a record's ``updated_at`` (Redis's clock) and the
+``genq_sent_at`` stamp of its message (the sender's wall clock) when telling whether it is still queued."""
+CLAIM_DUE = CLAIM_DUE.replace("@MARGIN@", repr(QUEUED_MARGIN))
+
+
+class QueuedSince(NamedTuple):
+    """When the oldest submit message still waiting in each lane's queue was sent (see
+    :mod:`genq.backlog`); None: none waiting, or unknown."""
+
+    interactive: float | None = None
+    batch: float | None = None
+
+
+NOTHING_QUEUED = QueuedSince()
 
 _TRIM = """
 -- KEYS: expiring, jobs, due, callbacks due. ARGV: now, limit, record key prefix.
@@ -589,9 +617,11 @@ class Ledger:
         value = self.redis.get(keys.SWEEP_LAST)
         return None if value is None else float(as_text(value))
 
-    def claim_due(self, limit: int = 500) -> list[Claimed]:
+    def claim_due(self, limit: int = 500, queued: QueuedSince = NOTHING_QUEUED) -> list[Claimed]:
         """Jobs whose next step is due (or overdue: no message came); each is pushed forward, and a
-        job waiting to be submitted or polled gets a new step generation (its old chain goes stale)."""
+        job waiting to be submitted or polled gets a new step generation (its old chain goes stale).
+        A pending job whose submit was sent since ``queued`` (the oldest submit still waiting in its
+        lane's queue) is only pushed forward: its message is still in the queue."""
         flat = self._claim(
             keys=[keys.DUE],
             args=[
@@ -600,6 +630,8 @@ class Ledger:
                 self.grace,
                 keys.JOB_PREFIX,
                 ",".join(s.value for s in CHAINED_STATES),
+                "" if queued.interactive is None else repr(queued.interactive),
+                "" if queued.batch is None else repr(queued.batch),
             ],
         )
         return [

@@ -11,6 +11,7 @@ from redis.sentinel import Sentinel
 
 from genq import metrics
 from genq.api import UpstreamClient
+from genq.backlog import SubmitBacklog
 from genq.callbacks import CallbackService, callback_policy
 from genq.clock import Clock
 from genq.jobs import JobService, net_policy
@@ -154,7 +155,8 @@ class Services:
         jobs = JobService(settings, ledger, api, files, clock, rng, WorkflowService(ledger), recorder)
         models = ModelLedger(client, grace=settings.worker.sweep_grace, clock=clock)
         training = TrainingService(settings, models, api, jobs, clock, rng)
-        sweeper = Sweeper(ledger, models, jobs, clock)
+        broker = client if settings.redis.broker_url is None else broker_redis_client(settings)
+        sweeper = Sweeper(ledger, models, jobs, clock, SubmitBacklog(broker))
         receivers = guarded_session(callback_policy(settings))
         callbacks = CallbackService(settings, ledger, receivers, clock, rng)
         return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks)

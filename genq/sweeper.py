@@ -25,7 +25,7 @@ from genq.actions import (
     TrainLater,
 )
 from genq.jobs import JobService
-from genq.ledger import Claimed, Ledger
+from genq.ledger import Claimed, Ledger, QueuedSince
 from genq.model_ledger import ModelLedger
 from genq.schemas import POLLING_STATES, JobKind, JobState, ModelState
 
@@ -38,6 +38,8 @@ class Sweeper:
     models: ModelLedger
     jobs: JobService
     clock: Callable[[], float]
+    backlog: Callable[[], QueuedSince] = QueuedSince
+    """How far behind the submit queue is (:class:`genq.backlog.SubmitBacklog`); by default unknown."""
 
     def sweep(
         self, batch: int = 500, max_batches: int = 20, min_gap: float = 0.0
@@ -48,8 +50,9 @@ class Sweeper:
         seen: Counter[str] = Counter()
         if min_gap > 0 and not self.ledger.begin_sweep(min_gap):
             return actions, seen
+        queued = self.backlog()
         for _ in range(max_batches):
-            claimed = self.ledger.claim_due(batch)
+            claimed = self.ledger.claim_due(batch, queued)
             in_batch = self.ledger.batch_lane([job.id for job in claimed])
             for job in claimed:
                 seen[job.state.value] += 1

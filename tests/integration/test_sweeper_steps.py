@@ -11,6 +11,7 @@ import pytest
 from genq import keys
 from genq.actions import Download, Finalize, Notify, PollLater, PollModelLater, SubmitLater, TrainLater
 from genq.intake import accept
+from genq.ledger import QueuedSince
 from genq.schemas import ImageRequest, JobKind, JobState, ModelState, OutputFile, WorkflowRequest
 from tests.integration.steps import GRACE, MODEL_DEADLINE, START, Steps, shared_redis_fixture, steps_fixture  # noqa: F401  (fixtures)
 
@@ -64,6 +65,31 @@ def test_a_job_submitting_within_its_window_is_left_to_its_worker(steps: Steps) 
 
     assert steps.sweeper.sweep()[0] == []
     assert steps.job("j1").state is JobState.SUBMITTING
+
+
+def test_a_pending_job_whose_submit_is_still_queued_is_only_pushed_forward(steps: Steps) -> None:
+    steps.image("j1")  # its submit message was sent at START
+    steps.sweeper.backlog = lambda: QueuedSince(interactive=START - 30)  # an older one still waits
+    _overdue(steps)
+
+    actions, seen = steps.sweeper.sweep()
+
+    # A second message would only wait behind the first, and would make it stale: nothing is sent.
+    assert actions == [] and seen == Counter()
+    assert steps.job("j1").poll_gen == 0
+    assert steps.redis.zscore(keys.DUE, "j1") == START + 2 * GRACE
+
+    steps.sweeper.backlog = lambda: QueuedSince(interactive=START + 10)  # the queue moved past it: lost
+    _overdue(steps)
+    assert steps.sweeper.sweep()[0] == [SubmitLater("j1", 0.0, 1)]
+
+
+def test_another_lanes_backlog_does_not_hold_back_a_re_drive(steps: Steps) -> None:
+    steps.image("j1")  # interactive
+    steps.sweeper.backlog = lambda: QueuedSince(batch=START - 30)
+    _overdue(steps)
+
+    assert steps.sweeper.sweep()[0] == [SubmitLater("j1", 0.0, 1)]
 
 
 @pytest.mark.parametrize("state", [JobState.SUBMITTED, JobState.RUNNING])

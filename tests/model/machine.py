@@ -26,7 +26,8 @@ Environment knobs (all optional):
 ``GENQ_MODEL_SKIP``   comma list of invariants not checked (``I3,I7``), to look past a known failure;
 ``GENQ_MODEL_OFF``    comma list of rules or features disabled: ``resend``, ``resubmit``, ``train``,
                       ``cancel``, ``crash``, ``race``, ``intake`` (submit through ``accept`` only),
-                      ``expire`` (no emulated Redis expiry), or a job kind (``workflow``, ``video``...).
+                      ``expire`` (no emulated Redis expiry), ``backlog`` (the sweeper sees no submit
+                      queue), or a job kind (``workflow``, ``video``...).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from genq.actions import (
 )
 from genq.callbacks import CallbackService, check_callback
 from genq.jobs import JobService
-from genq.ledger import Ledger
+from genq.ledger import Ledger, QueuedSince
 from genq.model_ledger import ModelLedger
 from genq.schemas import POLLING_STATES, JobRecord, JobState, ModelRecord, ModelState
 from genq.settings import Settings
@@ -108,6 +109,7 @@ class Msg:
     action: Action
     eta: float
     seq: int
+    sent: float = 0.0
 
 
 @dataclass
@@ -188,7 +190,8 @@ class GenqMachine(RuleBasedStateMachine):
             self.clock,
             rng,
         )
-        self.sweeper = Sweeper(self.ledger, self.models, self.jobs, self.clock)
+        backlog = QueuedSince if "backlog" in OFF else self._backlog
+        self.sweeper = Sweeper(self.ledger, self.models, self.jobs, self.clock, backlog)
         self.callbacks = CallbackService(w.settings, self.ledger, file_session(self.files), self.clock, rng)
         self.sink = CallbackSink(self.clock)
         self.msgs: list[Msg] = []
@@ -217,10 +220,19 @@ class GenqMachine(RuleBasedStateMachine):
     def _log(self, text: str) -> None:
         self.trace.append(f"t+{self.clock.now - self.world.start:7.1f}  {text}")
 
+    def _backlog(self) -> QueuedSince:
+        """The sweeper's view of the submit queue (``genq.backlog``): when the oldest submit message
+        that is due and not delivered was sent, per lane. The model delivers in any order, so this
+        also tests the skip where the queue is not first in, first out."""
+        waiting = [m for m in self.msgs if isinstance(m.action, SubmitLater) and m.eta <= self.clock.now]
+        lanes = {lane: [m.sent for m in waiting if m.action.batch is lane] for lane in (False, True)}
+        return QueuedSince(min(lanes[False], default=None), min(lanes[True], default=None))
+
     def _enqueue(self, actions: list[Action]) -> None:
         for a in actions:
             self.seq += 1
-            self.msgs.append(Msg(a, self.clock.now + float(getattr(a, "delay", 0.0) or 0.0), self.seq))
+            delay = float(getattr(a, "delay", 0.0) or 0.0)
+            self.msgs.append(Msg(a, self.clock.now + delay, self.seq, self.clock.now))
         self.msgs.sort(key=lambda m: (m.eta, m.seq))
         if actions:
             self._log("    -> " + ", ".join(show(a) for a in actions))

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from genq import keys
+from genq.actions import SubmitLater
 from genq.schemas import JobState
 from tests.model.machine import UUIDS, GenqMachine, InvariantBroken, World
 from tests.model.test_invariants import world  # noqa: F401  (the module's redis-server fixture)
@@ -205,4 +206,20 @@ def test_f15_a_job_left_submitting_gets_no_message_per_sweep(m: GenqMachine) -> 
         m.tick(90.0)
         m.sweep()
         check(m)
+    finish(m)
+
+
+def test_a_queued_submit_is_not_sent_again_and_a_lost_one_is(m: GenqMachine) -> None:
+    """Not a finding: the sweeper's backlog skip as the model runs it (the undelivered, due messages
+    are the queue)."""
+    m.submit("image", 1, False, False, False, None)
+    m.tick(6.0)
+    m.sweep()  # overdue, but its submit is still waiting: nothing sent again
+    check(m)
+    assert [msg.action for msg in m.msgs] == [SubmitLater("image1", 0.0, 0)]
+    m.lose(0)
+    m.tick(6.0)
+    m.sweep()  # the queue holds nothing older: the message is lost, the job is re-driven
+    check(m)
+    assert [msg.action for msg in m.msgs] == [SubmitLater("image1", 0.0, 1)]
     finish(m)

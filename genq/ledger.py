@@ -231,10 +231,14 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0
     table.insert(out, state)
     table.insert(out, tostring(gen))
     table.insert(out, rec[4] or '')
+    table.insert(out, rec[5] or '')
   end
 end
 return out
 """
+
+CLAIM_FIELDS = 5
+"""Values CLAIM_DUE returns per claimed record: id, state, generation, kind, lane."""
 
 QUEUED_MARGIN = 2.0
 """Seconds of clock difference allowed between a record's ``updated_at`` (Redis's clock) and the
@@ -325,12 +329,14 @@ class Created:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A job the sweeper claimed: its state and step generation as of the claim, and its kind."""
+    """A job the sweeper claimed: its state and step generation as of the claim, its kind, and whether
+    it is in the batch lane."""
 
     id: str
     state: JobState
     gen: int
     kind: str
+    batch: bool = False
 
 
 CHAINED_STATES = frozenset({JobState.PENDING, *POLLING_STATES})
@@ -604,7 +610,7 @@ class Ledger:
         flat = self._claim(
             keys=[keys.CALLBACKS_DUE], args=[self.clock(), limit, self.grace, keys.JOB_PREFIX, ""]
         )
-        return [as_text(flat[i]) for i in range(0, len(flat), 4)]
+        return [as_text(flat[i]) for i in range(0, len(flat), CLAIM_FIELDS)]
 
     def begin_sweep(self, min_gap: float) -> bool:
         """True for the one sweep that may run now: none began in the last ``min_gap`` seconds."""
@@ -635,8 +641,14 @@ class Ledger:
             ],
         )
         return [
-            Claimed(as_text(flat[i]), JobState(as_text(flat[i + 1])), int(flat[i + 2]), as_text(flat[i + 3]))
-            for i in range(0, len(flat), 4)
+            Claimed(
+                as_text(flat[i]),
+                JobState(as_text(flat[i + 1])),
+                int(flat[i + 2]),
+                as_text(flat[i + 3]),
+                as_text(flat[i + 4]) == "batch",
+            )
+            for i in range(0, len(flat), CLAIM_FIELDS)
         ]
 
     def trim(self, limit: int = 1000) -> int:

@@ -15,7 +15,7 @@ import redis
 
 from genq import keys
 from genq.clock import Clock, RedisClock
-from genq.ledger import CLAIM_DUE, Transition, as_text, to_field
+from genq.ledger import CLAIM_DUE, CLAIM_FIELDS, Transition, as_text, to_field
 from genq.schemas import ModelRecord, ModelState
 
 _REQUEST = """
@@ -151,7 +151,7 @@ class ModelLedger:
         )
         return [
             (as_text(flat[i]), ModelState(as_text(flat[i + 1])), int(flat[i + 2]))
-            for i in range(0, len(flat), 4)
+            for i in range(0, len(flat), CLAIM_FIELDS)
         ]
 
     def list_ids(self, limit: int = 100) -> list[str]:

@@ -53,10 +53,9 @@ class Sweeper:
         queued = self.backlog()
         for _ in range(max_batches):
             claimed = self.ledger.claim_due(batch, queued)
-            in_batch = self.ledger.batch_lane([job.id for job in claimed])
             for job in claimed:
                 seen[job.state.value] += 1
-                actions += self._drive_job(job, job.id in in_batch)
+                actions += self._drive_job(job)
             if len(claimed) < batch:
                 break
         for model_id, model_state, gen in self.models.claim_due(batch):
@@ -76,26 +75,26 @@ class Sweeper:
             log.info("sweep: %s", dict(seen))
         return actions, seen
 
-    def _drive_job(self, job: Claimed, batch: bool) -> list[Action]:
+    def _drive_job(self, job: Claimed) -> list[Action]:
         if job.kind == JobKind.WORKFLOW.value:
             # Checked before the states: a running workflow is not a polled job.
             rec = self.ledger.get(job.id)
             return self.jobs.workflows.resume(rec) if rec is not None else []
         if job.state is JobState.PENDING:
-            return [SubmitLater(job.id, 0.0, job.gen, batch)]
+            return [SubmitLater(job.id, 0.0, job.gen, job.batch)]
         if job.state is JobState.SUBMITTING:
             # Due only once its submit window has passed: the POST's worker died. It ends
             # submit_unknown rather than paying twice (or goes back to pending, if at-least-once).
             return self.jobs.settle_stalled_submit(job.id)
         if job.state in POLLING_STATES:
-            return [PollLater(job.id, job.gen, 0.0, batch)]
+            return [PollLater(job.id, job.gen, 0.0, job.batch)]
         rec = self.ledger.get(job.id)
         if rec is None:
             return []
         if job.state is JobState.DOWNLOADING:
             have = {out.index for out in rec.outputs}
             missing = [i for i in range(rec.expected_outputs) if i not in have]
-            return [Download(job.id, i, batch=batch) for i in missing] or [Finalize(job.id)]
+            return [Download(job.id, i, batch=job.batch) for i in missing] or [Finalize(job.id)]
         if job.state is JobState.PARKED and rec.model_id:
             model = self.models.get(rec.model_id, history=0)
             if model is None or model.state is ModelState.READY:

@@ -57,4 +57,14 @@ class Notify:
     delay: float = 0.0
 
 
-Action = SubmitLater | PollLater | Download | Finalize | TrainLater | PollModelLater | Notify
+@dataclass(frozen=True)
+class Admit:
+    """Run the admission tick of ``family`` (token ``token``) after ``delay`` seconds: it grants
+    queued submits their turns (:meth:`genq.limits.UpstreamLimiter.tick`)."""
+
+    family: str
+    token: str
+    delay: float = 0.0
+
+
+Action = SubmitLater | PollLater | Download | Finalize | TrainLater | PollModelLater | Notify | Admit

@@ -87,7 +87,14 @@ class UpstreamClient:
         """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all). ``lane``,
         ``producer`` and ``caller`` (the job id) are for the shared limiter's shares and turns."""
         answer = self._request(
-            "POST", TRIGGER_PATHS[kind], "trigger", json=body, lane=lane, producer=producer, caller=caller
+            "POST",
+            TRIGGER_PATHS[kind],
+            "trigger",
+            json=body,
+            lane=lane,
+            producer=producer,
+            caller=caller,
+            queue=bool(caller),
         )
         return UpstreamJob.from_payload(answer)
 
@@ -119,13 +126,14 @@ class UpstreamClient:
         lane: str = "",
         producer: str = "",
         caller: str = "",
+        queue: bool = False,
     ) -> Any:
         what = f"{method} {path}"
         permit = None
         if self.limiter is not None:
-            permit, wait = self.limiter.acquire(family, lane, producer, caller)
+            permit, wait, queued = self.limiter.admit(family, lane, producer, caller, queue)
             if permit is None:
-                raise Throttled(f"{what}: held back by the shared rate limit", retry_after=wait)
+                raise Throttled(f"{what}: held back by the shared rate limit", wait, queued)
         limit = wallclock.Limit(sum(self.timeout))
         try:
             with limit:

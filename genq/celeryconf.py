@@ -29,6 +29,7 @@ class Task(StrEnum):
     POLL_MODEL = "genq.poll_model"
     CALLBACK = "genq.callback"
     SWEEP = "genq.sweep"
+    ADMIT = "genq.admit"  # the rate limit's admission tick: grants queued submits their turns
 
 
 MODEL_TASKS = frozenset({Task.TRAIN, Task.POLL_MODEL})
@@ -43,6 +44,7 @@ TASK_QUEUES: dict[str, str] = {
     Task.TRAIN: TRAINING,
     Task.POLL_MODEL: TRAINING,
     Task.SWEEP: POLL,
+    Task.ADMIT: SUBMIT,
     Task.CALLBACK: DOWNLOAD,
 }
 """Every genqueue task by its explicit name, and the queue it runs on."""

@@ -63,7 +63,17 @@ class RateLimited(TransientError):
 
 
 class Throttled(TransientError):
-    """genqueue's shared rate limit or concurrency cap refused the call before anything was sent."""
+    """genqueue's shared rate limit or concurrency cap refused the call before anything was sent.
+
+    ``queued``: a submit that waits in the admission queue for its turn (sent by the admission tick),
+    rather than coming back after ``retry_after`` to try again."""
+
+    def __init__(self, message: str, retry_after: float | None = None, queued: bool = False) -> None:
+        super().__init__(message, retry_after)
+        self.queued = queued
+
+    def __reduce__(self) -> tuple[type[Throttled], tuple[str, float | None, bool]]:  # type: ignore[override]
+        return (type(self), (str(self), self.retry_after, self.queued))
 
 
 class PermanentError(GenqError):

@@ -20,7 +20,7 @@ import redis
 import requests
 
 from genq import downloads, retry
-from genq.actions import Action, Download, Finalize, Notify, PollLater, SubmitLater
+from genq.actions import Action, Admit, Download, Finalize, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.budgets import BudgetBook
 from genq.durations import PollPlanner
@@ -29,6 +29,7 @@ from genq.errors import (
     GenqError,
     PermanentError,
     ProtocolError,
+    Throttled,
     TransientError,
     UpstreamUnavailable,
 )
@@ -36,7 +37,16 @@ from genq.ledger import KEEP, Ledger, Transition
 from genq.metrics import Recorder
 from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline
-from genq.schemas import POLLING_STATES, JobKind, JobRecord, JobState, OnBudget, OutputFile, UpstreamJob
+from genq.schemas import (
+    DEFAULT_PRODUCER,
+    POLLING_STATES,
+    JobKind,
+    JobRecord,
+    JobState,
+    OnBudget,
+    OutputFile,
+    UpstreamJob,
+)
 from genq.settings import PollPolicy, Settings
 from genq.workflows import WorkflowService
 
@@ -104,8 +114,8 @@ class JobService:
             # A failover now could lose the move to submitting and let the job be posted again.
             exc = UpstreamUnavailable(f"ledger write not on {replicas} replica(s) yet; nothing posted")
             return self._submit_retry(rec, exc)
+        producer = rec.producer if self.settings.budgets.fair_shares else ""
         try:
-            producer = rec.producer if self.settings.budgets.fair_shares else ""
             upstream = self.api.trigger(rec.kind, rec.request, rec.lane.value, producer, rec.id)
         except UpstreamUnavailable as exc:
             if exc.ambiguous and not self.settings.api.submit_at_least_once:
@@ -114,9 +124,54 @@ class JobService:
         except ProtocolError as exc:
             # A 2xx answer we cannot read: the upstream accepted the POST, so it may be paid for.
             return self._unknown(rec, f"unreadable answer: {exc}")
+        except Throttled as exc:
+            return self._queue(rec, producer, exc) if exc.queued else self._submit_retry(rec, exc)
         except GenqError as exc:
             return self._submit_retry(rec, exc)
         return self._record_submitted(rec, upstream.job_id, upstream.status.value)
+
+    def _queue(self, rec: JobRecord, producer: str, exc: Throttled) -> list[Action]:
+        """Refused by the rate limit: back to pending, nothing sent and no message, to wait in the
+        admission queue until the tick grants its turn and sends it (:mod:`genq.limits`). A queue
+        of thousands costs one step per job, not a retry per window. The ledger holds the job for
+        twice the queue's length: should its turn never come (the queue lost in a failover), the
+        sweeper sends it again and it queues again, keeping its place."""
+        gen = rec.poll_gen + 1
+        eta = exc.retry_after or 0.0
+        moved = self.ledger.transition(
+            rec.id,
+            [JobState.SUBMITTING],
+            JobState.PENDING,
+            refund=True,
+            error=f"waiting for its turn at the rate limit (about {eta:.0f}s)",
+            submit_attempts=rec.submit_attempts,  # nothing was sent: the try does not count
+            poll_gen=gen,
+            due_at=self.clock() + 2 * eta + self.ledger.grace,
+            held=True,
+        )
+        limiter = self.api.limiter
+        if not moved.ok or limiter is None:
+            return []
+        token = limiter.park("trigger", rec.id, gen, rec.lane.value, producer or DEFAULT_PRODUCER)
+        return [Admit("trigger", token)] if token else []
+
+    def admit(self, family: str, token: str) -> list[Action]:
+        """One admission tick: send the submits granted their turn, ahead of any batch backlog (the
+        turn is theirs now; their polls and downloads keep their lane), then the next tick."""
+        limiter = self.api.limiter
+        if limiter is None:
+            return []
+        tick = limiter.tick(family, token)
+        actions: list[Action] = [SubmitLater(g.job_id, 0.0, g.gen) for g in tick.grants]
+        if tick.next_in is not None:
+            actions.append(Admit(family, token, tick.next_in))
+        return actions
+
+    def rearm_admission(self) -> list[Action]:
+        """The sweeper's check that queued submits have a tick coming (its message may be lost)."""
+        limiter = self.api.limiter
+        token = limiter.rearm("trigger") if limiter is not None and limiter.queues("trigger") else None
+        return [Admit("trigger", token)] if token else []
 
     def _held_back(self, rec: JobRecord, gen: int, moved: Transition) -> list[Action]:
         """Not sent: a budget or the producer's quota said no. Past a budget the job ends ``rejected``

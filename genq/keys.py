@@ -114,6 +114,17 @@ def limit_producer_window(family: str, producer: str) -> str:
     return f"{PREFIX}:limit:producer:{family}:{producer}"
 
 
+def admit_prefix(family: str) -> str:
+    """The admission queue of one family's submits refused by the limiter (:mod:`genq.limits`):
+
+    - ``<prefix>:q:<lane>:<producer>``: sorted set, ``"<job id> <gen>"`` scored by arrival (FIFO);
+    - ``<prefix>:p:<lane>``: sorted set, the producers with submits queued, scored by virtual time;
+    - ``<prefix>:state``: hash, the arrival counter and each lane's virtual time;
+    - ``<prefix>:grants``: hash, job id -> until when (Redis time) its granted turn holds;
+    - ``<prefix>:tick``: string, the token of the one admission tick scheduled."""
+    return f"{PREFIX}:admit:{family}"
+
+
 LIMIT_BLOCKED = f"{PREFIX}:limit:blocked"
 """String: until when (Redis time) the upstream is closed after a 429."""
 

@@ -210,13 +210,13 @@ class MeteredLimiter(UpstreamLimiter):
         super().__init__(inner.redis, inner.limits)
         self.recorder = recorder
 
-    def acquire(
-        self, family: str, lane: str = "", producer: str = "", caller: str = ""
-    ) -> tuple[Permit | None, float]:
-        permit, wait = super().acquire(family, lane, producer, caller)
+    def admit(
+        self, family: str, lane: str = "", producer: str = "", caller: str = "", queue: bool = False
+    ) -> tuple[Permit | None, float, bool]:
+        permit, wait, queued = super().admit(family, lane, producer, caller, queue)
         if permit is None:
             self.recorder.throttled(family, wait)
-        return permit, wait
+        return permit, wait, queued
 
     def block(self, seconds: float) -> None:
         super().block(seconds)

@@ -67,6 +67,7 @@ class Sweeper:
         for job_id in self.ledger.claim_callbacks(batch):
             seen["callback"] += 1
             actions.append(Notify(job_id))
+        actions += self.jobs.rearm_admission()
         trimmed = self.ledger.trim(batch)
         if trimmed:
             seen["expired"] += trimmed

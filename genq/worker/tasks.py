@@ -9,6 +9,7 @@ from typing import Any
 from genq import intake as intake_service
 from genq.actions import (
     Action,
+    Admit,
     Download,
     Finalize,
     Notify,
@@ -69,6 +70,11 @@ def send_by_name(name: str, args: list[Any], queue: str) -> None:
     app.send_task(name, args=args, queue=queue)
 
 
+@app.task(name=Task.ADMIT)
+def admit(family: str, token: str) -> None:
+    dispatch(services().jobs.admit(family, token))
+
+
 @app.task(name=Task.SWEEP)
 def sweep() -> None:
     actions, _ = services().sweeper.sweep(min_gap=services().settings.worker.sweep_interval / 2)
@@ -95,3 +101,5 @@ def dispatch(actions: Iterable[Action]) -> None:
                 poll_model.apply_async((model_id, gen), countdown=delay)
             case Notify(job_id, delay):
                 callback.apply_async((job_id,), countdown=delay or None)
+            case Admit(family, token, delay):
+                admit.apply_async((family, token), countdown=delay or None)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import pytest
 
+from genq import keys
 from genq.intake import job_id_for
 from genq.producer import Producer
 from genq.schemas import JobState, Lane
@@ -60,3 +62,38 @@ def test_a_submit_can_override_its_producers_lane_and_intake_takes_it(stack: Sta
     assert (records[2].producer, records[2].lane) == ("go-app", Lane.BATCH)
     steps = [nightly.status(step) for step in records[1].children]
     assert len(steps) == 2 and all((s.producer, s.lane) == ("nightly", Lane.BATCH) for s in steps)
+
+
+def test_submits_over_the_rate_wait_their_turn_in_redis_not_as_retries(stack: Stack) -> None:
+    env = {
+        "GENQ_LIMITS_TRIGGER_RATE": "4",
+        "GENQ_BUDGETS_PRODUCERS": json.dumps({"nightly": {"lane": "batch"}}),
+    }
+    nightly = Producer(stack.settings(**env), producer_id="nightly")
+    user = Producer(stack.settings(**env), producer_id="web")
+    stack.producers += [nightly, user]
+    stack.worker(concurrency=2, **env)
+    backlog = [nightly.submit_image(f"backfill {i}", num_images=1).id for i in range(24)]
+    queue = f"{keys.admit_prefix('trigger')}:q:batch:nightly"
+    deadline = time.monotonic() + 60
+    while nightly.ledger.redis.zcard(queue) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nightly.ledger.redis.zcard(queue) >= 8, "the backlog over the rate never queued"
+    urgent = user.submit_image("someone is waiting", num_images=1).id
+
+    records = wait_all(user, [*backlog, urgent], timeout=120)
+
+    assert all(r.state is JobState.SUCCEEDED for r in records), [(r.state, r.error) for r in records]
+    assert int(stack.sim.stats(include_jobs=False)["requests"]["POST /images/generation"]) == 25
+    # Each job tried at most twice: refused once and queued, then sent at its turn.
+    events, after = [], "0-0"
+    while batch := user.ledger.read_events(after, block_ms=1):
+        events += batch
+        after = batch[-1].stream_id
+    tries = Counter(e.job_id for e in events if e.to_state == "submitting")
+    assert max(tries.values()) == 2 and sum(n == 2 for n in tries.values()) >= 8, tries
+    # The interactive job went ahead of the queued backlog: at most a turn or two after it came.
+    by_id = {r.id: r for r in records}
+    came, posted = by_id[urgent].created_at, by_id[urgent].submitted_at or 0
+    batch = [by_id[i].submitted_at or 0 for i in backlog]
+    assert sum(t < posted for t in batch) <= sum(t < came for t in batch) + 2

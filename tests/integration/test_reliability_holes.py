@@ -36,7 +36,16 @@ from pydantic import SecretStr
 from config.celeryconf import celery_config
 from config.settings import Settings, load_settings
 from genq import control, intake, keys
-from genq.actions import Download, Finalize, Notify, PollLater, PollModelLater, SubmitLater, TrainLater
+from genq.actions import (
+    Admit,
+    Download,
+    Finalize,
+    Notify,
+    PollLater,
+    PollModelLater,
+    SubmitLater,
+    TrainLater,
+)
 from genq.api import UpstreamClient
 from genq.callbacks import CallbackService, callback_policy
 from genq.embedded import EmbeddedRedis
@@ -162,6 +171,8 @@ class Rig:
                     return self.training.train(action.model_id)
                 case PollModelLater(model_id, gen, _):
                     return self.training.poll(model_id, gen)
+                case Admit(family, token, _):
+                    return self.jobs.admit(family, token)
         except Exception as exc:  # a task failure: recorded, the message is gone
             self.errors.append(exc)
             return []
@@ -217,10 +228,13 @@ class Throttle:
     def __init__(self, wait: float) -> None:
         self.wait = wait
 
-    def acquire(
-        self, family: str, lane: str = "", producer: str = "", caller: str = ""
-    ) -> tuple[None, float]:
-        return None, self.wait
+    def admit(
+        self, family: str, lane: str = "", producer: str = "", caller: str = "", queue: bool = False
+    ) -> tuple[None, float, bool]:
+        return None, self.wait, False
+
+    def queues(self, family: str) -> bool:
+        return False
 
     def release(self, permit: object) -> None:
         pass
@@ -374,6 +388,32 @@ def test_hole03_throttled_submits_re_driven_by_the_sweeper_keep_one_chain(
 
     assert max(chains) <= 1, f"live submit chains per round: {chains}"
     assert rig.state(job_id) is JobState.PENDING and not _posts(upstream) and not rig.errors
+
+
+def test_hole03b_a_submit_queued_by_the_rate_limit_has_no_message_until_its_turn(
+    rig: Rig, upstream: responses.RequestsMock
+) -> None:
+    """Hole 3 for the admission queue: a submit the rate limit refuses waits in Redis for its turn.
+    Invariant: while it waits no sweep re-drives it and no submit message exists for it (only the
+    tick's); at its turn it is sent once and POSTed once."""
+    _trigger_ok(upstream)
+    limiter = UpstreamLimiter(rig.ledger.redis, Limits(rates={"trigger": 0.001}))  # one call per 1,050 s
+    rig.jobs.api.limiter = limiter
+    assert limiter.admit("trigger", caller="another-job", queue=True)[0] is not None  # the window's call
+    job_id = _image(rig)
+
+    (tick,) = rig.step(_submit_msg(job_id))
+
+    assert isinstance(tick, Admit)
+    for _ in range(5):
+        assert [a for a in rig.sweep(3 * GRACE) if getattr(a, "job_id", None) == job_id] == []
+    assert rig.state(job_id) is JobState.PENDING and not _posts(upstream)
+    assert rig.step(tick) == [Admit("trigger", tick.token, pytest.approx(1050, abs=5))]  # no room yet
+    rig.ledger.redis.delete(keys.limit_window("trigger"))  # the window's call aged out
+    (sent,) = rig.step(tick)
+    assert isinstance(sent, SubmitLater) and sent.job_id == job_id
+    rig.run([sent], max_steps=1)
+    assert len(_posts(upstream)) == 1 and rig.state(job_id) is JobState.SUBMITTED and not rig.errors
 
 
 # ---------------------------------------------------------------------------------------- 4

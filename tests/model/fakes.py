@@ -88,6 +88,7 @@ class PaidCall:
 class FakeUpstream:
     """The ``UpstreamClient`` interface; records every paid call."""
 
+    limiter = None  # no shared rate limit in the model: submits never wait in its queue
     clock: FakeClock
     files: FileServer
     outcome: str = "ok"

@@ -1,0 +1,190 @@
+"""The rate limit's admission queue, against a real redis-server: a refused submit waits in Redis for a
+turn instead of coming back to try again, and the tick grants turns in the order the lanes, the batch
+share and the producers' fair shares say. Windows are stretched (``window_slack``) so that every
+sequence here runs inside one; a test frees the window by deleting it, as if its calls had aged out."""
+
+from __future__ import annotations
+
+import redis
+
+from genq import keys
+from genq.embedded import EmbeddedRedis
+from genq.limits import Limits, UpstreamLimiter
+
+SLOW = 60.0  # a 10/s rate's window becomes 60 s
+
+
+def _limiter(server: EmbeddedRedis, **limits: object) -> UpstreamLimiter:
+    return UpstreamLimiter(redis.Redis.from_url(server.url), Limits(**limits))  # type: ignore[arg-type]
+
+
+def _pending(limiter: UpstreamLimiter, job_id: str, gen: int = 1) -> None:
+    """The ledger record the tick checks: a pending job at step generation ``gen``."""
+    limiter.redis.hset(keys.job(job_id), mapping={"state": "pending", "poll_gen": gen})
+
+
+def _admit(limiter: UpstreamLimiter, job_id: str, lane: str = "interactive", producer: str = "p") -> bool:
+    """A submit's try: True when admitted, False when it is to wait in the queue."""
+    permit, _, queued = limiter.admit("trigger", lane, producer, job_id, queue=True)
+    assert permit is not None or queued, "a refused submit waits in the queue, it is not retried"
+    return permit is not None
+
+
+def _queue(
+    limiter: UpstreamLimiter, job_id: str, lane: str = "interactive", producer: str = "p"
+) -> str | None:
+    _pending(limiter, job_id)
+    assert not _admit(limiter, job_id, lane, producer)
+    return limiter.park("trigger", job_id, 1, lane, producer)
+
+
+def _fill(limiter: UpstreamLimiter, n: int) -> None:
+    """Fill the window with calls of no lane (they count for neither lane's share)."""
+    for i in range(n):
+        assert _admit(limiter, f"fill-{i}", lane="", producer="filler")
+
+
+def _free_window(limiter: UpstreamLimiter) -> None:
+    limiter.redis.delete(keys.limit_window("trigger"))
+
+
+def _granted(limiter: UpstreamLimiter, token: str) -> list[str]:
+    return [g.job_id for g in limiter.tick("trigger", token).grants]
+
+
+def test_a_refused_submit_is_queued_and_granted_its_turn_when_the_window_frees(
+    redis_server: EmbeddedRedis,
+) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    token = _queue(limiter, "job-a")
+    assert token is not None  # no tick was scheduled: the first job queued starts one
+    assert _queue(limiter, "job-b") is None  # one tick serves the queue
+
+    tick = limiter.tick("trigger", token)
+    assert tick.grants == [] and tick.next_in is not None and 55 < tick.next_in <= 60  # the window is full
+    _free_window(limiter)
+    tick = limiter.tick("trigger", token)
+    assert [(g.job_id, g.gen) for g in tick.grants] == [("job-a", 1), ("job-b", 1)]
+    assert tick.next_in is None  # the queue is empty: the tick stops
+
+    # A granted submit goes without taking a second place in the window; an ungranted one waits.
+    assert _admit(limiter, "job-a") and _admit(limiter, "job-b")
+    assert limiter.redis.zcard(keys.limit_window("trigger")) == 2
+    _fill(limiter, 8)
+    assert not _admit(limiter, "job-c")
+
+
+def test_a_fresh_submit_goes_behind_the_queue_of_its_lane(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    _queue(limiter, "batch-1", lane="batch")
+    _free_window(limiter)
+    assert not _admit(limiter, "batch-2", lane="batch")  # room, but batch-1 was first
+    assert _admit(limiter, "urgent", lane="interactive")  # a higher lane is not behind it
+
+
+def test_a_grant_whose_place_aged_out_needs_room_again(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    token = _queue(limiter, "late")
+    assert token is not None
+    _free_window(limiter)
+    assert _granted(limiter, token) == ["late"]
+    _free_window(limiter)  # its message was so slow that its place aged out of the window
+    _fill(limiter, 10)  # and other calls took the window
+    assert not _admit(limiter, "late")  # the upstream would see eleven calls in one window
+
+
+def test_interactive_turns_come_first_and_batch_keeps_its_share(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW, batch_share=0.2)
+    _fill(limiter, 10)
+    token = _queue(limiter, "b0", lane="batch")
+    assert token is not None
+    for i in range(1, 10):
+        _queue(limiter, f"b{i}", lane="batch")
+    for i in range(10):
+        _queue(limiter, f"i{i}", lane="interactive")
+    _free_window(limiter)
+    granted = _granted(limiter, token)
+    # 10 per window: batch keeps its 2 (its share), interactive takes the other 8.
+    assert sorted(granted) == sorted(["b0", "b1"] + [f"i{i}" for i in range(8)])
+
+
+def test_batch_submits_leave_headroom_for_recent_interactive_calls(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=5.0)  # 5 s windows
+    assert _admit(limiter, "web-1", lane="interactive")
+    # One interactive call in the last 10 s: batch submits leave one slot of the 10 for the next one.
+    assert [_admit(limiter, f"fresh-{i}", lane="batch") for i in range(9)] == [True] * 8 + [False]
+    assert _admit(limiter, "web-2", lane="interactive")
+
+    token = None
+    for i in range(20):
+        _pending(limiter, f"b{i}")
+        token = limiter.park("trigger", f"b{i}", 1, "batch", "p") or token
+    assert token is not None
+    _free_window(limiter)
+    # Two interactive calls in the last 10 s, one per 5 s window: one slot of the 10 kept free.
+    assert _granted(limiter, token) == [f"b{i}" for i in range(9)]
+    assert _admit(limiter, "web-3", lane="interactive")
+
+
+def test_producers_in_one_lane_take_turns_by_weight(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW, weights={"shop": 4})
+    _fill(limiter, 10)
+    token = _queue(limiter, "flood-0", producer="flood")
+    assert token is not None
+    for i in range(1, 30):
+        _queue(limiter, f"flood-{i}", producer="flood")
+    for i in range(20):
+        _queue(limiter, f"shop-{i}", producer="shop")
+    _free_window(limiter)
+    granted = _granted(limiter, token)
+    # Queued later, shop still gets its weight: 4 turns to flood's 1.
+    assert sum(g.startswith("shop") for g in granted) == 8
+    assert [g for g in granted if g.startswith("flood")] == ["flood-0", "flood-1"]  # each in order
+    assert [g for g in granted if g.startswith("shop")] == [f"shop-{i}" for i in range(8)]
+
+
+def test_a_job_that_moved_on_drops_its_place_and_a_requeued_one_keeps_it(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    token = _queue(limiter, "first")
+    assert token is not None
+    _queue(limiter, "second")
+    _queue(limiter, "cancelled")
+    # "first" was re-driven (generation 2) and queued again: it keeps its place, now for generation 2.
+    _pending(limiter, "first", gen=2)
+    assert limiter.park("trigger", "first", 2, "interactive", "p") is None
+    limiter.redis.hset(keys.job("cancelled"), "state", "cancelled")
+    _free_window(limiter)
+    tick = limiter.tick("trigger", token)
+    assert [(g.job_id, g.gen) for g in tick.grants] == [("first", 2), ("second", 1)]
+    assert limiter.redis.zcard(keys.limit_window("trigger")) == 2  # no place given to the cancelled job
+
+
+def test_a_superseded_tick_stops_and_a_lost_one_is_started_again(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    first = _queue(limiter, "job-a")
+    assert first is not None
+    assert limiter.rearm("trigger") is None  # a tick is scheduled
+    limiter.redis.delete(f"{keys.admit_prefix('trigger')}:tick")  # its message was lost, its key expired
+    second = limiter.rearm("trigger")
+    assert second is not None and second != first
+    _free_window(limiter)
+    stale = limiter.tick("trigger", first)
+    assert stale.grants == [] and stale.next_in is None  # the old chain ends without granting
+    assert _granted(limiter, second) == ["job-a"]
+    assert limiter.rearm("trigger") is None  # nothing queued: nothing to start
+
+
+def test_no_turn_is_granted_while_the_upstream_is_closed(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    token = _queue(limiter, "job-a")
+    assert token is not None
+    _free_window(limiter)
+    limiter.block(30)
+    tick = limiter.tick("trigger", token)
+    assert tick.grants == [] and tick.next_in is not None and 25 < tick.next_in <= 30.1

@@ -11,6 +11,7 @@ class SubmitLater:
     delay: float
     gen: int = 0  # the step generation it is sent for; 0 for a new job
     batch: bool = False  # sent in the batch lane (behind interactive work)
+    turn: bool = False  # sent at the turn the rate limit granted it (ahead of the batch backlog)
 
 
 @dataclass(frozen=True)

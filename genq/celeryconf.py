@@ -56,9 +56,17 @@ across all the queues it consumes: an interactive message is taken ahead of any 
 message sent without a priority (an older producer, the sweep) counts as interactive."""
 
 
-def lane_priority(batch: bool) -> int | None:
-    """The ``priority`` to send a job's message with: ``None`` (the default, interactive) or batch."""
-    return BATCH_PRIORITY if batch else None
+TURN_PRIORITY = 3
+"""Message priority of a batch submit sent at the turn the rate limit granted it: after interactive
+work, ahead of the batch backlog (its place in the rate window is taken and runs out)."""
+
+
+def lane_priority(batch: bool, turn: bool = False) -> int | None:
+    """The ``priority`` to send a job's message with: ``None`` (the default, interactive), batch, or a
+    batch submit at its granted ``turn``."""
+    if not batch:
+        return None
+    return TURN_PRIORITY if turn else BATCH_PRIORITY
 
 
 SWEEP_EXPIRES = 900.0

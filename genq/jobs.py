@@ -157,12 +157,14 @@ class JobService:
 
     def admit(self, family: str, token: str) -> list[Action]:
         """One admission tick: send the submits granted their turn, ahead of any batch backlog (the
-        turn is theirs now; their polls and downloads keep their lane), then the next tick."""
+        turn is theirs now), then the next tick."""
         limiter = self.api.limiter
         if limiter is None:
             return []
         tick = limiter.tick(family, token)
-        actions: list[Action] = [SubmitLater(g.job_id, 0.0, g.gen) for g in tick.grants]
+        actions: list[Action] = [
+            SubmitLater(g.job_id, 0.0, g.gen, batch=g.lane == "batch", turn=True) for g in tick.grants
+        ]
         if tick.next_in is not None:
             actions.append(Admit(family, token, tick.next_in))
         return actions

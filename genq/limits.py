@@ -34,12 +34,13 @@ _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 -- Slots of a window that batch submits leave free for interactive ones: as many as interactive
--- calls took per window over the last @RECENT@ seconds (at least one if any came), at most what the
--- batch share leaves them. An interactive job then finds room at once instead of waiting its turn.
+-- calls took per window over the last @RECENT@ seconds, rounded (at least one if any came), at most
+-- what the batch share leaves them. An interactive job then finds room at once instead of waiting
+-- its turn; what it costs batch work is the interactive calls made plus one slot kept free.
 local function headroom(iwin, count, window, share)
   local recent = redis.call('ZCOUNT', iwin, now - @RECENT@, '+inf')
   if recent == 0 then return 0 end
-  local want = math.max(1, math.ceil(recent * window / @RECENT@))
+  local want = math.max(1, math.floor(recent * window / @RECENT@ + 0.5))
   return math.min(want, count - math.floor(count * share))
 end
 """

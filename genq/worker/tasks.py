@@ -85,8 +85,10 @@ def dispatch(actions: Iterable[Action]) -> None:
     """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
     for action in actions:
         match action:
-            case SubmitLater(job_id, delay, gen, batch):
-                submit.apply_async((job_id, gen), countdown=delay or None, priority=lane_priority(batch))
+            case SubmitLater(job_id, delay, gen, batch, turn):
+                submit.apply_async(
+                    (job_id, gen), countdown=delay or None, priority=lane_priority(batch, turn)
+                )
             case PollLater(job_id, gen, delay, batch):
                 poll.apply_async((job_id, gen), countdown=delay, priority=lane_priority(batch))
             case Download(job_id, index, attempt, delay, batch):

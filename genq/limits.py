@@ -28,7 +28,8 @@ from genq import keys
 from genq.ledger import as_text
 
 RECENT = 10
-"""Seconds of interactive calls that set the headroom batch submits leave them (see ``_HEADROOM``)."""
+"""Seconds of interactive calls that set the headroom batch submits leave them (``headroom`` in
+``_PRELUDE``)."""
 
 _PRELUDE = """
 local t = redis.call('TIME')
@@ -243,8 +244,8 @@ end
 """
 
 _PARK = """
--- KEYS: -, family window, total window, admission state, tick, the lane's producers, the producer's
---       queue. ARGV: family rate, total rate, window slack, job id, step generation, producer, lane,
+-- KEYS: blocked (unused), family window, total window, admission state, tick, the lane's producers,
+--       the producer's queue. ARGV: family rate, total rate, window slack, job id, step generation, producer, lane,
 --       a token for a new tick.
 -- Queues a refused submit (keeping its place if it is queued already: a re-driven job keeps its
 -- turn, now for its new generation) and starts the tick when none is scheduled. Returns whether the
@@ -291,17 +292,16 @@ local used = g and redis.call('ZCARD', KEYS[g + 1]) or 0
 local inter = g and redis.call('ZCOUNT', KEYS[5], now - windows[g], '+inf') or 0
 local out = {1}
 local grants = 0
+local keep = g and headroom(KEYS[5], counts[g], windows[g], share) or 0
 while free > 0 and grants < tonumber(ARGV[12]) do
   local iq = redis.call('EXISTS', KEYS[9]) == 1
   local bq = redis.call('EXISTS', KEYS[10]) == 1
+  -- Batch under its share goes first; then interactive; then batch within the headroom.
   local lane
-  if iq and not (bq and used - inter < math.floor(counts[g] * share)) then
-    lane = 'interactive'
-  elseif bq and used < counts[g] - headroom(KEYS[5], counts[g], windows[g], share) then
-    lane = 'batch'
-  else
-    break
-  end
+  if bq and used - inter < math.floor(counts[g] * share) then lane = 'batch'
+  elseif iq then lane = 'interactive'
+  elseif bq and used < counts[g] - keep then lane = 'batch'
+  else break end
   local pkey = lane == 'interactive' and KEYS[9] or KEYS[10]
   local top = redis.call('ZRANGE', pkey, 0, 0, 'WITHSCORES')
   local producer, vt = top[1], tonumber(top[2])
@@ -436,6 +436,8 @@ class Grant:
 
 @dataclass(frozen=True)
 class Tick:
+    """What one admission tick did: the turns it granted, and when the next tick runs."""
+
     grants: list[Grant]
     next_in: float | None
     """Seconds to the next tick of the same token; ``None`` when the queue is empty."""

@@ -111,6 +111,19 @@ def test_interactive_turns_come_first_and_batch_keeps_its_share(redis_server: Em
     assert sorted(granted) == sorted(["b0", "b1"] + [f"i{i}" for i in range(8)])
 
 
+def test_batch_under_its_share_gets_a_turn_however_busy_the_interactive_lane(
+    redis_server: EmbeddedRedis,
+) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW, batch_share=0.2)
+    for i in range(8):
+        assert _admit(limiter, f"web-{i}", lane="interactive")
+    token = _queue(limiter, "b0", lane="batch")  # the interactive headroom keeps it out
+    assert token is not None
+    _queue(limiter, "web-8", lane="interactive")  # interactive calls leave the batch share
+    # Two slots left: batch takes its share first, then the interactive job its turn.
+    assert _granted(limiter, token) == ["b0", "web-8"]
+
+
 def test_batch_submits_leave_headroom_for_recent_interactive_calls(redis_server: EmbeddedRedis) -> None:
     limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=5.0)  # 5 s windows
     assert _admit(limiter, "web-1", lane="interactive")

@@ -32,6 +32,7 @@ from genq import keys, metrics
 from genq.budgets import BudgetBook
 from genq.celeryconf import QUEUES
 from genq.ledger import Ledger
+from genq.limits import admission_queued
 from genq.schemas import JobState
 from genq.services import broker_redis_client, redis_client
 from genq.settings import BudgetSettings, Settings
@@ -299,6 +300,14 @@ class Collector:
                 quota.add_metric([u.producer], u.max_in_flight)
         yield flight
         yield quota
+        waiting = GaugeMetricFamily(
+            "genq_admission_queued",
+            "Submits waiting in the rate limit's admission queue for a turn",
+            labels=["lane", "producer"],
+        )
+        for (lane, producer), n in admission_queued(self.redis).items():
+            waiting.add_metric([lane, producer], n)
+        yield waiting
 
     def _queues(self) -> Iterable[Metric]:
         assert self.queues is not None

@@ -245,8 +245,8 @@ end
 
 _PARK = """
 -- KEYS: blocked (unused), family window, total window, admission state, tick, the lane's producers,
---       the producer's queue. ARGV: family rate, total rate, window slack, job id, step generation, producer, lane,
---       a token for a new tick.
+--       the producer's queue. ARGV: family rate, total rate, window slack, job id, step generation,
+--       producer, lane, a token for a new tick.
 -- Queues a refused submit (keeping its place if it is queued already: a re-driven job keeps its
 -- turn, now for its new generation) and starts the tick when none is scheduled. Returns whether the
 -- caller sends that tick.
@@ -423,6 +423,20 @@ class Limits:
     other_weight: float = 1.0
     fair_horizon: float = 15.0
     """Seconds a producer turned away counts as waiting for its share (at least two windows)."""
+
+
+def admission_queued(client: redis.Redis, family: str = "trigger") -> dict[tuple[str, str], int]:
+    """Submits waiting in ``family``'s admission queue for a turn, by lane and producer."""
+    admit = keys.admit_prefix(family)
+    pairs = [
+        (lane, as_text(producer))
+        for lane in ("interactive", "batch")
+        for producer in client.zrange(f"{admit}:p:{lane}", 0, -1)
+    ]
+    pipe = client.pipeline(transaction=False)
+    for lane, producer in pairs:
+        pipe.zcard(f"{admit}:q:{lane}:{producer}")
+    return dict(zip(pairs, (int(n) for n in pipe.execute()), strict=True))
 
 
 @dataclass(frozen=True)

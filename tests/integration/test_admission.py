@@ -9,7 +9,8 @@ import redis
 
 from genq import keys
 from genq.embedded import EmbeddedRedis
-from genq.limits import Limits, UpstreamLimiter
+from genq.exporter import Collector
+from genq.limits import Limits, UpstreamLimiter, admission_queued
 
 SLOW = 60.0  # a 10/s rate's window becomes 60 s
 
@@ -201,3 +202,16 @@ def test_no_turn_is_granted_while_the_upstream_is_closed(redis_server: EmbeddedR
     limiter.block(30)
     tick = limiter.tick("trigger", token)
     assert tick.grants == [] and tick.next_in is not None and 25 < tick.next_in <= 30.1
+
+
+def test_the_queue_is_exported_by_lane_and_producer(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    _fill(limiter, 10)
+    for i in range(3):
+        _queue(limiter, f"night-{i}", lane="batch", producer="nightly")
+    _queue(limiter, "web-0", lane="interactive", producer="web")
+    assert admission_queued(limiter.redis) == {("interactive", "web"): 1, ("batch", "nightly"): 3}
+
+    families = {m.name: m for m in Collector(limiter.redis, None).collect()}
+    samples = {tuple(s.labels.values()): s.value for s in families["genq_admission_queued"].samples}
+    assert samples == {("interactive", "web"): 1, ("batch", "nightly"): 3}

@@ -218,7 +218,7 @@ class _Writeback:
             return
         self.out.flush()  # no-op for chunks larger than the buffer, which is what a download writes
         self._call(self.started, size - self.started, _SFR_WRITE)
-        if self.started > self.waited:
+        if self.window and self.started > self.waited:
             flags = _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
             self._call(self.waited, self.started - self.waited, flags)
             self.waited = self.started

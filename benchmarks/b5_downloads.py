@@ -1,15 +1,18 @@
 """5. Downloads: N files of S MB from the simulator with the download pool's concurrency (threads 8).
 
 genqueue: each round's jobs are first brought to ``downloading`` (a submit + poll worker, kept for every
-round), then a download worker (``-Q download -P threads -c 8``, the project's default pool) starts and
-streams every file with all safety checks on (scheme and address checks, content type, byte cap,
-wall-clock limit, sha256, fsync, atomic rename). Timed from the first download task received (worker
-log) to the last job finished; the worker's RSS is sampled every 50 ms.
+round), then a download worker (``-Q download -P threads -c 8 --prefetch-multiplier 2``, the download
+pool as docker-compose runs it) starts and streams every file with all safety checks on (scheme and
+address checks, content type, byte cap, wall-clock limit, sha256, writeback while streaming, fsync,
+atomic rename). Timed from the first download task received (worker log) to the last job finished;
+the worker's RSS is sampled every 50 ms.
 
-Baselines, in their own process with 8 threads, RSS sampled the same way:
-- fair: ``requests`` doing the same integrity work (sha256 in the read loop, temp file, fsync, rename);
-- throttled: the simulator limited to 100 MB/s per connection (a realistic link), plain ``requests``
-  streaming to disk with nothing else.
+Baselines, in their own process with as many threads as the worker, RSS sampled the same way:
+- fair: ``requests`` with 8 threads doing the same integrity work (sha256 in the read loop, temp file,
+  fsync, rename);
+- throttled: the simulator limited to 100 MB/s per connection (a realistic link), 2 files in parallel on
+  both sides (genqueue's worker ``-c 2``), so that the link, not this machine's CPU, is the bottleneck;
+  plain ``requests`` streaming to disk with nothing else.
 After a warm-up round, rounds alternate which side goes first; each ratio is the median of per-round
 throughput ratios, with its min-max.
 """
@@ -35,17 +38,22 @@ from genq.simulator import Duration, SimConfig
 NAME = "downloads"
 THREADS = 8
 THROTTLE = 100_000_000  # bytes/s per connection: a realistic link to a CDN
+# Files in parallel in the throttled run, on both sides. 8 x 100 MB/s is more than this 2-core machine
+# can hash and fsync, so that run measured the CPU again, not a link; at 2 x 100 MB/s the link is the
+# bottleneck on both sides, which is the case the goal is about.
+THROTTLED_THREADS = 2
 FAST = json.dumps(
     {"first_delay": 0.05, "interval": 0.05, "backoff": 1, "max_interval": 0.05, "jitter": 0, "deadline": 600}
 )
 ENV = {"GENQ_POLL_VIDEO": FAST}
+DOWNLOAD_WORKER_ARGS = ("--prefetch-multiplier", "2")  # as docker-compose's worker-download
 _RECEIVED = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] Task genq\.download\[")
 
 
 def run(ctx: Context) -> BenchResult:
     files = ctx.size(8, 40)
     size_mb = ctx.size(10, 50)
-    rounds = ctx.size(2, 5)
+    rounds = ctx.size(2, 7)  # 7: on a shared machine a burst of other work can swing one round by 40 %
     result = BenchResult(NAME, "Downloads vs requests doing the same integrity work")
     result.size = {
         "files": files,
@@ -55,6 +63,7 @@ def run(ctx: Context) -> BenchResult:
         "warm_up": not ctx.quick,
         "chunk_bytes": 256 * 1024,
         "throttled_bytes_per_s_per_connection": THROTTLE,
+        "throttled_threads": THROTTLED_THREADS,
     }
     sim = SimConfig(
         api_key="bench-key", video_bytes=size_mb * 1_000_000, video_duration=Duration(kind="fixed", value=0.0)
@@ -67,8 +76,11 @@ def run(ctx: Context) -> BenchResult:
         ctx.log(f"{NAME}: {rounds} rounds of {files} x {size_mb} MB vs requests + sha256 + fsync + rename")
         fair = side.rounds(rounds, "integrity")
         s.sim.configure(file_rate_limit=THROTTLE)
-        ctx.log(f"{NAME}: {rounds} rounds at {THROTTLE / 1e6:.0f} MB/s per connection vs plain requests")
-        throttled = side.rounds(rounds, "plain")
+        ctx.log(
+            f"{NAME}: {rounds} rounds at {THROTTLE / 1e6:.0f} MB/s per connection, {THROTTLED_THREADS} in "
+            "parallel on each side, vs plain requests"
+        )
+        throttled = side.rounds(rounds, "plain", threads=THROTTLED_THREADS)
         s.sim.configure(file_rate_limit=0)
         ablations: dict[str, Any] = {}
         if not ctx.quick and (fair["ratio"] or 0) < 0.9:
@@ -104,7 +116,7 @@ def run(ctx: Context) -> BenchResult:
         "what": "requests, 8 threads, sha256 in the read loop, temp file, fsync, rename",
         "throttled_runs": throttled["base"],
         "throttled_mb_per_s": throttled["base_mb_per_s"],
-        "throttled_what": "plain requests, 8 threads, to disk, nothing else",
+        "throttled_what": f"plain requests, {THROTTLED_THREADS} threads, to disk, nothing else",
         "rss_peak": base_peak,
         "rss_growth": base_growth,
     }
@@ -132,7 +144,12 @@ def run(ctx: Context) -> BenchResult:
         why,
     )
     met_thr = result.check(
-        Goal("at 100 MB/s per connection: >= 0.95x plain requests", "throttled ratio", ">=", 0.95),
+        Goal(
+            f"at 100 MB/s per connection, {THROTTLED_THREADS} in parallel: >= 0.95x plain requests",
+            "throttled ratio",
+            ">=",
+            0.95,
+        ),
         throttled["ratio"],
         why,
     )
@@ -158,7 +175,7 @@ def run(ctx: Context) -> BenchResult:
             fair["spread"],
         ),
         Row(
-            f"MB/s at {THROTTLE / 1e6:.0f} MB/s/conn vs plain requests",
+            f"MB/s at {THROTTLE / 1e6:.0f} MB/s/conn x {THROTTLED_THREADS} vs plain requests",
             throttled["gq_mb_per_s"],
             throttled["base_mb_per_s"],
             throttled["ratio"],
@@ -212,7 +229,13 @@ class _Downloads:
         self.producer.close()
 
     def rounds(
-        self, rounds: int, baseline: str, app: str = "genq.worker", ablate: str = "", pool: str = "threads"
+        self,
+        rounds: int,
+        baseline: str,
+        app: str = "genq.worker",
+        ablate: str = "",
+        pool: str = "threads",
+        threads: int = THREADS,
     ) -> dict[str, Any]:
         gq_runs: list[dict[str, Any]] = []
         base_runs: list[dict[str, Any]] = []
@@ -222,11 +245,11 @@ class _Downloads:
             first_gq = self.round_no % 2 == 1
             self.round_no += 1
             if first_gq:
-                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool))
-                base_runs.append(_plain(self.s, urls, baseline))
+                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool, threads))
+                base_runs.append(_plain(self.s, urls, baseline, threads))
             else:
-                base_runs.append(_plain(self.s, urls, baseline))
-                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool))
+                base_runs.append(_plain(self.s, urls, baseline, threads))
+                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool, threads))
         per_round = [ratio(g["mb_per_s"], b["mb_per_s"]) for g, b in zip(gq_runs, base_runs, strict=True)]
         valid = [x for x in per_round if x is not None]
         return {
@@ -250,16 +273,19 @@ class _Downloads:
         urls = [f"{s.sim.url}/files/{r.upstream_id}/0.mp4?token={s.sim.config.file_token}" for r in recs]
         return ids, urls
 
-    def _genqueue(self, ids: list[str], urls: list[str], app: str, ablate: str, pool: str) -> dict[str, Any]:
+    def _genqueue(
+        self, ids: list[str], urls: list[str], app: str, ablate: str, pool: str, threads: int
+    ) -> dict[str, Any]:
         s = self.s
         s.sim.reset_stats()
         worker = s.worker(
             queues=["download"],
             pool=pool,
-            concurrency=THREADS,
+            concurrency=threads,
             env={**ENV, "BENCH_ABLATE": ablate},
             app=app,
             start=False,
+            extra_args=DOWNLOAD_WORKER_ARGS,
         )
         started = time.time()
         worker.start()
@@ -312,7 +338,7 @@ def _check_sha(s: Stack, recs: list[Any]) -> bool:
     return True
 
 
-def _plain(s: Stack, urls: list[str], mode: str) -> dict[str, Any]:
+def _plain(s: Stack, urls: list[str], mode: str, threads: int) -> dict[str, Any]:
     out_dir = s.workdir / "plain"
     urls_file = s.workdir / "urls.json"
     urls_file.write_text(json.dumps(urls))
@@ -322,7 +348,7 @@ def _plain(s: Stack, urls: list[str], mode: str) -> dict[str, Any]:
         "benchmarks.plain_download",
         str(urls_file),
         str(out_dir),
-        str(THREADS),
+        str(threads),
         mode,
     ]
     popen = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import requests
 import responses
 from responses import matchers
 
+from genq import downloads
 from genq.downloads import Busy, DownloadRules, check_url, fetch, redact_url
 from genq.errors import DownloadRefused, GenqError, UpstreamUnavailable
 from genq.netguard import NetPolicy
@@ -528,3 +530,40 @@ def test_no_message_carries_the_token(
     assert len(messages) == len(cases)
     assert all(TOKEN not in m and "X-Amz-Signature" not in m for m in messages)
     assert _final(dest) == []
+
+
+# ------------------------------------------------------------------ writeback while streaming
+
+
+def test_a_download_larger_than_the_writeback_window_lands_whole(
+    session: requests.Session, mock: responses.RequestsMock, dest: Path
+) -> None:
+    body = PNG * 50  # 512,400 bytes: many windows of 64 KiB, and a tail shorter than one
+    _png(mock, body=body)
+    rules = DownloadRules(max_bytes=1_000_000, timeout=30.0, chunk_bytes=4096, writeback_bytes=64 * 1024)
+    got = fetch(session, URL, dest, "00", rules, "image")
+    assert got.path.read_bytes() == body
+    assert got.sha256 == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.skipif(downloads._sync_file_range is None, reason="no sync_file_range on this platform")
+def test_writeback_hands_each_window_to_the_disk_and_waits_for_the_one_before(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "a+b") as out:
+        writeback = downloads._Writeback(out, 0, 1000)
+        size = 0
+        for _ in range(8):
+            size += out.write(b"x" * 300)
+            writeback.written(size)
+        # Started for bytes 0-1200 once a window was written, then 1200-2400, waiting for 0-1200.
+        assert (writeback.started, writeback.waited, writeback.window) == (2400, 1200, 1000)
+
+
+def test_writeback_that_the_file_refuses_turns_itself_off(tmp_path: Path) -> None:
+    # A pipe has no range to sync (ESPIPE): the download goes on, and the fsync decides durability.
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as reader, open(write_end, "wb", buffering=0) as out:
+        writeback = downloads._Writeback(out, 0, 10)  # type: ignore[arg-type]
+        out.write(b"y" * 20)
+        writeback.written(20)
+        assert writeback.window == 0
+        assert reader.read(20) == b"y" * 20

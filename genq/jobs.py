@@ -164,7 +164,7 @@ class JobService:
         tick = limiter.tick(family, token)
         actions: list[Action] = [SubmitLater(g.job_id, 0.0, g.gen) for g in tick.grants]
         if tick.next_in is not None:
-            actions.append(Admit(family, token, tick.next_in))
+            actions.append(Admit(family, tick.token, tick.next_in))
         return actions
 
     def rearm_admission(self) -> list[Action]:

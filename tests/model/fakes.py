@@ -130,6 +130,11 @@ class FakeUpstream:
         if o in ("throttled", "queued"):
             raise Throttled(f"{what}: held back by the shared rate limit", retry_after=self.retry_after)
         if o == "429":
+            if self.limiter is not None:
+                # As the real client: the upstream is closed for every worker until its Retry-After
+                # (Redis's clock; the model's expiry of the closure's key reopens it in fake time).
+                # Ticks then grant nothing, so the admission queue outlives them.
+                self.limiter.block(self.retry_after)
             raise RateLimited(f"{what}: 429 rate limited", retry_after=self.retry_after)
         if o == "5xx":
             raise UpstreamUnavailable(f"{what}: 503 unavailable")

@@ -19,22 +19,24 @@ What the model does NOT claim (the system does not promise it):
 
 Redis expiry is emulated on the fake clock: after every step each key's TTL is read, and keys whose
 TTL has run out in fake time are deleted when the clock moves past it (real Redis would have expired
-them by then). The admission queue's keys are always emulated (``expire`` off or not): a lost tick is
-only started again once its token's TTL has run out, and without the emulation it never would.
+them by then). The rate limit's keys are always emulated (``expire`` off or not): a lost tick is only
+started again once its token's TTL has run out, and a 429's closure ends when its key does.
 
 The rate limit's admission queue (:mod:`genq.limits`) runs for real: a real ``UpstreamLimiter`` on the
 model's Redis parks, ticks and rearms, and every POST asks it first, as the real client does. Its
 rates are so high (``ADMISSION_LIMITS``) that its windows never refuse by themselves; the answer
 ``queued`` stands for a full window (the submit joins the queue). A submit then also joins the queue
-whenever others are queued ahead of it without a turn, as in production. ``Admit`` messages (the
-tick) are delivered, lost and duplicated like any other.
+whenever others are queued ahead of it without a turn, as in production. A ``429`` closes the
+upstream through the limiter, as the real client does, so ticks grant nothing meanwhile and a queue
+outlives them. ``Admit`` messages (the tick) are delivered, lost, duplicated and crashed like any
+other; ``lose_queue`` deletes the whole queue (a failover that lost it).
 
 Environment knobs (all optional):
 
 ``GENQ_MODEL_SKIP``   comma list of invariants not checked (``I3,I7``), to look past a known failure;
 ``GENQ_MODEL_OFF``    comma list of rules or features disabled: ``resend``, ``resubmit``, ``train``,
                       ``cancel``, ``crash``, ``race``, ``intake`` (submit through ``accept`` only),
-                      ``expire`` (no emulated Redis expiry, but for the admission queue's keys),
+                      ``expire`` (no emulated Redis expiry, but for the rate limit's keys),
                       ``backlog`` (the sweeper sees no submit queue), ``admission`` (no rate limit:
                       no ``queued`` answer, no admission queue), ``losequeue`` (its loss is not
                       modelled), or a job kind (``workflow``, ``video``...).
@@ -323,8 +325,8 @@ class GenqMachine(RuleBasedStateMachine):
                 self._log(f"(redis expired {k})")
 
     def _track_ttls(self) -> None:
-        pattern = "*" if "expire" not in OFF else f"{keys.PREFIX}:admit:*"
-        names = [k.decode() for k in self.redis.keys(pattern)]
+        patterns = ["*"] if "expire" not in OFF else [f"{keys.PREFIX}:admit:*", f"{keys.PREFIX}:limit:*"]
+        names = [k.decode() for pattern in patterns for k in self.redis.keys(pattern)]
         pipe = self.redis.pipeline()
         for k in names:
             pipe.pttl(k)
@@ -623,6 +625,18 @@ class GenqMachine(RuleBasedStateMachine):
         """A message is lost (a broker restart without persistence, a purge)."""
         m = self._pick_msg(pick)
         self._step(f"lose {show(m.action)}", lambda: self.msgs.remove(m))
+
+    @precondition(lambda self: ADMISSION)
+    @rule(seconds=st.sampled_from([4.0, 30.0]))
+    def upstream_closes(self, seconds: float) -> None:
+        """Another worker got a 429: the limiter closes the upstream for every worker (``block``).
+        Ticks meanwhile grant nothing and schedule themselves for its end, so the queue outlives them
+        (a rule of its own: a 429 answer to a step of this model is rare)."""
+        limiter = self.upstream.limiter
+        assert limiter is not None
+        self._step(
+            f"the upstream closes for {seconds:.0f}s (a 429 elsewhere)", lambda: limiter.block(seconds)
+        )
 
     @precondition(lambda self: ADMISSION and "losequeue" not in OFF)
     @rule()

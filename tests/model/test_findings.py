@@ -1,6 +1,7 @@
 """The counterexamples of ``tests/model/FINDINGS.md`` as fixed step sequences through the same machine,
-so each one can be replayed (and kept as a regression test) without hypothesis. Each fails at HEAD
-d11bef6 with the named invariant and passes once its root cause is fixed."""
+so each one can be replayed (and kept as a regression test) without hypothesis. Each fails at the
+commit FINDINGS.md names (d11bef6 for most) with the named invariant and passes once its root cause is
+fixed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from genq import keys, limits
 from genq.actions import SubmitLater
 from genq.schemas import JobState
-from tests.model.machine import UUIDS, GenqMachine, InvariantBroken, World
+from tests.model.machine import ADMISSION, UUIDS, GenqMachine, InvariantBroken, World
 from tests.model.test_invariants import world  # noqa: F401  (the module's redis-server fixture)
 
 pytestmark = pytest.mark.integration
@@ -225,7 +226,9 @@ def test_a_queued_submit_is_not_sent_again_and_a_lost_one_is(m: GenqMachine) -> 
     finish(m)
 
 
-# ------------------------------------------------------------------ the admission queue (not findings)
+# ------------------------------------------------------------------ the admission queue
+
+queue_on = pytest.mark.skipif(not ADMISSION, reason="GENQ_MODEL_OFF=admission")
 
 
 def admitted(m: GenqMachine, job_id: str) -> None:
@@ -234,6 +237,7 @@ def admitted(m: GenqMachine, job_id: str) -> None:
     assert [p.subject for p in m.upstream.posts if p.acted] == [job_id]
 
 
+@queue_on
 def test_a_queued_submit_whose_tick_is_lost_is_ticked_again(m: GenqMachine) -> None:
     """The tick's message is lost: its token's TTL runs out and the sweeper starts a tick again. The
     hold runs out first; the job, sent again, finds itself queued and keeps its place (no POST)."""
@@ -255,6 +259,7 @@ def test_a_queued_submit_whose_tick_is_lost_is_ticked_again(m: GenqMachine) -> N
     admitted(m, "image1")
 
 
+@queue_on
 def test_a_submit_queued_when_the_queue_is_lost_is_sent_after_its_hold(m: GenqMachine) -> None:
     m.submit("image", 1, False, False, False, None)
     m.deliver_to_full_window(0, 30.0)
@@ -266,6 +271,7 @@ def test_a_submit_queued_when_the_queue_is_lost_is_sent_after_its_hold(m: GenqMa
     admitted(m, "image1")
 
 
+@queue_on
 def test_a_duplicated_tick_grants_each_turn_once(m: GenqMachine) -> None:
     for _ in range(2):
         m.submit("image", 1, False, False, False, None)
@@ -283,6 +289,7 @@ def test_a_duplicated_tick_grants_each_turn_once(m: GenqMachine) -> None:
     assert sorted(p.subject for p in m.upstream.posts) == ["image1", "image2"]
 
 
+@queue_on
 def test_f16_a_turn_never_taken_leaves_redis(m: GenqMachine, monkeypatch: pytest.MonkeyPatch) -> None:
     """A granted turn whose job never comes to take it (cancelled first) must not stay in the grants
     hash for ever. Grants are timed by Redis's clock, which the model's fake time cannot age: here
@@ -302,6 +309,7 @@ def test_f16_a_turn_never_taken_leaves_redis(m: GenqMachine, monkeypatch: pytest
     assert not m.redis.hexists(grants, "image1")
 
 
+@queue_on
 def test_f17_a_duplicated_admission_tick_does_not_go_on_as_a_second_chain(m: GenqMachine) -> None:
     m.submit("image", 1, False, False, False, None)
     m.deliver_to_full_window(0, 1.0)  # queued: the tick is sent

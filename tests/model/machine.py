@@ -29,7 +29,9 @@ rates are so high (``ADMISSION_LIMITS``) that its windows never refuse by themse
 whenever others are queued ahead of it without a turn, as in production. A ``429`` closes the
 upstream through the limiter, as the real client does, so ticks grant nothing meanwhile and a queue
 outlives them. ``Admit`` messages (the tick) are delivered, lost, duplicated and crashed like any
-other; ``lose_queue`` deletes the whole queue (a failover that lost it).
+other; ``lose_queue`` deletes the whole queue (a failover that lost it). The limiter keeps Redis's
+clock, not the fake one: a closure's remaining time is real, so delays derived from it jitter a
+little between replays of a seed.
 
 Environment knobs (all optional):
 

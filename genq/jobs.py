@@ -166,7 +166,7 @@ class JobService:
             SubmitLater(g.job_id, 0.0, g.gen, batch=g.lane == "batch", turn=True) for g in tick.grants
         ]
         if tick.next_in is not None:
-            actions.append(Admit(family, token, tick.next_in))
+            actions.append(Admit(family, tick.token, tick.next_in))
         return actions
 
     def rearm_admission(self) -> list[Action]:

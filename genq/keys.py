@@ -121,6 +121,8 @@ def admit_prefix(family: str) -> str:
     - ``<prefix>:p:<lane>``: sorted set, the producers with submits queued, scored by virtual time;
     - ``<prefix>:state``: hash, the arrival counter and each lane's virtual time;
     - ``<prefix>:grants``: hash, job id -> until when (Redis time) its granted turn holds;
+    - ``<prefix>:grants-until``: sorted set, the same job ids scored by that time (the tick drops the
+      turns that ran out untaken);
     - ``<prefix>:tick``: string, the token of the one admission tick scheduled."""
     return f"{PREFIX}:admit:{family}"
 

@@ -266,15 +266,23 @@ return 0
 
 _TICK = """
 -- KEYS: blocked, family window, total window, semaphore, the family's interactive window, admission
---       state, tick, grants, interactive producers, batch producers
+--       state, tick, grants, interactive producers, batch producers, grants by when they run out
 -- ARGV: family rate, total rate, window slack, max concurrent, batch share, tick token, producer
 --       queue key prefix, weights (JSON object), weight of producers not in it, job record key
---       prefix, seconds a grant holds, most grants per run
+--       prefix, seconds a grant holds, most grants per run, the next tick's token
 -- One admission tick: gives the queued submits the room the windows have now, interactive before
 -- batch (batch keeping its share, leaving the interactive headroom), producers within a lane by
--- start-time fair queueing on their weights, then schedules itself for when a slot next frees.
+-- start-time fair queueing on their weights, then schedules itself for when a slot next frees, under
+-- a new token: a duplicate or redelivered message of this run then finds its chain superseded.
 -- Returns {seconds to the next tick or -1, then job id, generation, lane per grant}.
 if redis.call('GET', KEYS[7]) ~= ARGV[6] then return {-1} end  -- another tick took over
+-- Turns that ran out untaken leave the grants hash: a job that ended before its turn came (cancelled,
+-- over budget) never asks for it, and only its own call would have removed it.
+local stale = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', now, 'LIMIT', 0, 500)
+if #stale > 0 then
+  redis.call('HDEL', KEYS[8], unpack(stale))
+  redis.call('ZREM', KEYS[11], unpack(stale))
+end
 local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
 local free = g and counts[g] or 0
 for i = 1, 2 do
@@ -323,6 +331,7 @@ while free > 0 and grants < tonumber(ARGV[12]) do
     if rec[1] == 'pending' and (rec[2] or '0') == gen then
       local token = 'grant:' .. id
       redis.call('HSET', KEYS[8], id, tostring(now + tonumber(ARGV[11])))
+      redis.call('ZADD', KEYS[11], now + tonumber(ARGV[11]), id)
       for i = 1, 2 do
         if counts[i] then
           redis.call('ZADD', KEYS[i + 1], now, token)
@@ -362,7 +371,7 @@ if grants < tonumber(ARGV[12]) and g then
   if not full and cap > 0 then wake = now + 0.25 end
 end
 wake = math.max(wake, blocked, now + 0.002)
-redis.call('SET', KEYS[7], ARGV[6], 'PX', math.ceil((wake - now) * 1000) + @TICK_TTL_MS@)
+redis.call('SET', KEYS[7], ARGV[13], 'PX', math.ceil((wake - now) * 1000) + @TICK_TTL_MS@)
 out[1] = tostring(wake - now)
 return out
 """
@@ -454,7 +463,10 @@ class Tick:
 
     grants: list[Grant]
     next_in: float | None
-    """Seconds to the next tick of the same token; ``None`` when the queue is empty."""
+    """Seconds to the next tick; ``None`` when the queue is empty."""
+    token: str = ""
+    """The next tick's token. Each run hands the chain a new one, so that of two deliveries of one
+    tick message (a redelivery, a duplicate) only the first goes on."""
 
 
 @dataclass(frozen=True)
@@ -570,8 +582,10 @@ class UpstreamLimiter:
         return token if int(started) else None
 
     def tick(self, family: str, token: str) -> Tick:
-        """Grant the queued submits the room the windows have now; the next tick's delay, if any."""
+        """Grant the queued submits the room the windows have now; the next tick's delay and token, if
+        any."""
         admit = keys.admit_prefix(family)
+        following = uuid.uuid4().hex
         out = self._tick(
             keys=[
                 keys.LIMIT_BLOCKED,
@@ -584,6 +598,7 @@ class UpstreamLimiter:
                 f"{admit}:grants",
                 f"{admit}:p:interactive",
                 f"{admit}:p:batch",
+                f"{admit}:grants-until",
             ],
             args=[
                 *self._rates(family),
@@ -596,12 +611,13 @@ class UpstreamLimiter:
                 keys.JOB_PREFIX,
                 GRANT_SECONDS,
                 MAX_GRANTS,
+                following,
             ],
         )
         delay = float(as_text(out[0]))
         rest = [as_text(x) for x in out[1:]]
         grants = [Grant(rest[i], int(rest[i + 1]), rest[i + 2]) for i in range(0, len(rest), 3)]
-        return Tick(grants, None if delay < 0 else delay)
+        return Tick(grants, None, "") if delay < 0 else Tick(grants, delay, following)
 
     def rearm(self, family: str) -> str | None:
         """A new tick's token when submits are queued and no tick is scheduled (its message was lost)."""

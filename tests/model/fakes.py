@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,10 +23,13 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
 from genq.errors import ProtocolError, RateLimited, Throttled, UpstreamRejected, UpstreamUnavailable
+from genq.limits import Tick, UpstreamLimiter
 from genq.schemas import JobKind, UpstreamJob, UpstreamModel
 
-# Answer classes of one upstream call. "ok" first: hypothesis shrinks towards it.
-OUTCOMES = ("ok", "429", "throttled", "5xx", "timeout", "malformed", "401", "404")
+# Answer classes of one upstream call. "ok" first: hypothesis shrinks towards it. "queued" (last, so with
+# the admission queue off the answers drawn are those of earlier runs) is a full rate window for a
+# submit, which then joins the admission queue; for any other call it is "throttled".
+OUTCOMES = ("ok", "429", "throttled", "5xx", "timeout", "malformed", "401", "404", "queued")
 ACTED = frozenset({"ok", "timeout", "malformed"})
 """Outcomes after which the upstream DID act on a trigger / train call (it was paid for)."""
 
@@ -88,9 +92,15 @@ class PaidCall:
 class FakeUpstream:
     """The ``UpstreamClient`` interface; records every paid call."""
 
-    limiter = None  # no shared rate limit in the model: submits never wait in its queue
     clock: FakeClock
     files: FileServer
+    limiter: UpstreamLimiter | None = None
+    """The admission queue's limiter (``JobService`` parks, ticks and rearms through it)."""
+    gate: UpstreamLimiter | None = None
+    """The same limits on a client outside the write fuse: the POST's own admission, as the real
+    client asks before every trigger. Not counted as a write, so a crash's write numbers (and the
+    findings' sequences) mean what they did before the queue: dying between this admission and the
+    POST is dying before the POST, as far as the ledger can tell."""
     outcome: str = "ok"
     retry_after: float = 1.0
     fate: str = "success"
@@ -117,9 +127,14 @@ class FakeUpstream:
     # -- faults shared by every call
     def _fail_before_acting(self, what: str) -> None:
         o = self.outcome
-        if o == "throttled":
+        if o in ("throttled", "queued"):
             raise Throttled(f"{what}: held back by the shared rate limit", retry_after=self.retry_after)
         if o == "429":
+            if self.limiter is not None:
+                # As the real client: the upstream is closed for every worker until its Retry-After
+                # (Redis's clock; the model's expiry of the closure's key reopens it in fake time).
+                # Ticks then grant nothing, so the admission queue outlives them.
+                self.limiter.block(self.retry_after)
             raise RateLimited(f"{what}: 429 rate limited", retry_after=self.retry_after)
         if o == "5xx":
             raise UpstreamUnavailable(f"{what}: 503 unavailable")
@@ -133,6 +148,14 @@ class FakeUpstream:
     ) -> UpstreamJob:
         self.calls += 1
         what = f"POST {kind.value}"
+        if self.outcome == "queued":
+            # The model's stand-in for a full window (the real windows never fill: see the machine).
+            raise Throttled(f"{what}: held back by the shared rate limit", self.retry_after, queued=True)
+        if self.gate is not None:
+            # A granted turn is taken here; without one, a submit with others queued ahead joins them.
+            permit, wait, queued = self.gate.admit("trigger", lane, producer, caller, queue=bool(caller))
+            if permit is None:
+                raise Throttled(f"{what}: held back by the shared rate limit", wait, queued)
         self._fail_before_acting(what)
         now = self.clock()
         n = int(body.get("num_images", 1)) if kind is JobKind.IMAGE else 1
@@ -217,6 +240,41 @@ class FakeUpstream:
         return UpstreamModel.model_validate({"modelId": model_id, "status": "ready"})
 
 
+class TickWatch(UpstreamLimiter):
+    """The real limiter, telling the model each time it (re)set a family's tick key. A tick sets it
+    again with the same token and often the same TTL, which reading PTTLs cannot tell from the old
+    TTL running down; the model's fake-time expiry would then end the tick chain too early."""
+
+    def __init__(
+        self, *args: Any, retimed: Callable[[str], None], counts: Counter[str], **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.retimed = retimed
+        self.counts = counts  # what the queue did, for the run's summary line
+
+    def park(self, family: str, job_id: str, gen: int, lane: str, producer: str) -> str | None:
+        token = super().park(family, job_id, gen, lane, producer)
+        self.counts["parked"] += 1
+        if token:
+            self.retimed(family)
+        return token
+
+    def tick(self, family: str, token: str) -> Tick:
+        tick = super().tick(family, token)
+        self.counts["ticks"] += 1
+        self.counts["granted"] += len(tick.grants)
+        if tick.next_in is not None:
+            self.retimed(family)
+        return tick
+
+    def rearm(self, family: str) -> str | None:
+        token = super().rearm(family)
+        if token:
+            self.counts["rearmed"] += 1
+            self.retimed(family)
+        return token
+
+
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -249,7 +307,7 @@ class FileServer(BaseAdapter):
         if found is None or self.outcome in ("404", "401"):
             status, body = 404, b"not found"
             headers["Content-Type"] = "text/plain"
-        elif self.outcome in ("5xx", "429", "throttled"):
+        elif self.outcome in ("5xx", "429", "throttled", "queued"):
             status, body = 503, b"busy"
             headers["Content-Type"] = "text/plain"
         else:

@@ -19,15 +19,29 @@ What the model does NOT claim (the system does not promise it):
 
 Redis expiry is emulated on the fake clock: after every step each key's TTL is read, and keys whose
 TTL has run out in fake time are deleted when the clock moves past it (real Redis would have expired
-them by then).
+them by then). The rate limit's keys are always emulated (``expire`` off or not): a lost tick is only
+started again once its token's TTL has run out, and a 429's closure ends when its key does.
+
+The rate limit's admission queue (:mod:`genq.limits`) runs for real: a real ``UpstreamLimiter`` on the
+model's Redis parks, ticks and rearms, and every POST asks it first, as the real client does. Its
+rates are so high (``ADMISSION_LIMITS``) that its windows never refuse by themselves; the answer
+``queued`` stands for a full window (the submit joins the queue). A submit then also joins the queue
+whenever others are queued ahead of it without a turn, as in production. A ``429`` closes the
+upstream through the limiter, as the real client does, so ticks grant nothing meanwhile and a queue
+outlives them. ``Admit`` messages (the tick) are delivered, lost, duplicated and crashed like any
+other; ``lose_queue`` deletes the whole queue (a failover that lost it). The limiter keeps Redis's
+clock, not the fake one: a closure's remaining time is real, so delays derived from it jitter a
+little between replays of a seed.
 
 Environment knobs (all optional):
 
 ``GENQ_MODEL_SKIP``   comma list of invariants not checked (``I3,I7``), to look past a known failure;
 ``GENQ_MODEL_OFF``    comma list of rules or features disabled: ``resend``, ``resubmit``, ``train``,
                       ``cancel``, ``crash``, ``race``, ``intake`` (submit through ``accept`` only),
-                      ``expire`` (no emulated Redis expiry), ``backlog`` (the sweeper sees no submit
-                      queue), or a job kind (``workflow``, ``video``...).
+                      ``expire`` (no emulated Redis expiry, but for the rate limit's keys),
+                      ``backlog`` (the sweeper sees no submit queue), ``admission`` (no rate limit:
+                      no ``queued`` answer, no admission queue), ``losequeue`` (its loss is not
+                      modelled), or a job kind (``workflow``, ``video``...).
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from genq import control, intake, keys
 from genq.actions import (
     Action,
+    Admit,
     Download,
     Finalize,
     Notify,
@@ -60,6 +75,7 @@ from genq.actions import (
 from genq.callbacks import CallbackService, check_callback
 from genq.jobs import JobService
 from genq.ledger import Ledger, QueuedSince
+from genq.limits import Limits, UpstreamLimiter
 from genq.model_ledger import ModelLedger
 from genq.schemas import POLLING_STATES, JobRecord, JobState, ModelRecord, ModelState
 from genq.settings import Settings
@@ -74,6 +90,7 @@ from tests.model.fakes import (
     FakeClock,
     FakeUpstream,
     FileServer,
+    TickWatch,
     WorkerDied,
     WriteFuse,
     file_session,
@@ -98,6 +115,13 @@ def _csv(name: str) -> frozenset[str]:
 SKIP = _csv("GENQ_MODEL_SKIP")
 OFF = _csv("GENQ_MODEL_OFF")
 KINDS = [k for k in ("image", "video", "upscale", "workflow") if k not in OFF]
+ADMISSION = "admission" not in OFF
+ANSWERS = tuple(o for o in OUTCOMES if ADMISSION or o != "queued")
+ADMISSION_LIMITS = Limits(rates={"trigger": 1e6})
+"""A million calls per 1.05 s: the real windows never fill in real time, so every tick grants all
+that is queued; a full window is the model's ``queued`` answer instead."""
+ADMIT_PREFIX = keys.admit_prefix("trigger")
+TICK_KEY = f"{ADMIT_PREFIX}:tick"
 
 
 class InvariantBroken(AssertionError):
@@ -110,6 +134,7 @@ class Msg:
     eta: float
     seq: int
     sent: float = 0.0
+    copy: bool = False  # a duplicate or a redelivery the model injected
 
 
 @dataclass
@@ -131,6 +156,7 @@ class Stats:
     jobs: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     end_states: Counter[str] = field(default_factory=Counter)
+    admission: Counter[str] = field(default_factory=Counter)
 
 
 STATS = Stats()
@@ -138,6 +164,8 @@ UUIDS = DeterministicUuid()
 
 
 def subject(action: Action) -> str:
+    if isinstance(action, Admit):
+        return f"admit:{action.family}"
     return action.model_id if isinstance(action, TrainLater | PollModelLater) else action.job_id
 
 
@@ -172,6 +200,11 @@ class GenqMachine(RuleBasedStateMachine):
         self.models = ModelLedger(client, grace=grace, clock=self.clock)
         self.files = FileServer()
         self.upstream = FakeUpstream(self.clock, self.files)
+        if ADMISSION:
+            self.upstream.limiter = TickWatch(
+                client, ADMISSION_LIMITS, retimed=self._retimed, counts=STATS.admission
+            )
+            self.upstream.gate = UpstreamLimiter(w.client, ADMISSION_LIMITS)
         rng = random.Random(0)
         self.jobs = JobService(
             w.settings,
@@ -228,11 +261,11 @@ class GenqMachine(RuleBasedStateMachine):
         lanes = {lane: [m.sent for m in waiting if m.action.batch is lane] for lane in (False, True)}
         return QueuedSince(min(lanes[False], default=None), min(lanes[True], default=None))
 
-    def _enqueue(self, actions: list[Action]) -> None:
+    def _enqueue(self, actions: list[Action], copy: bool = False) -> None:
         for a in actions:
             self.seq += 1
             delay = float(getattr(a, "delay", 0.0) or 0.0)
-            self.msgs.append(Msg(a, self.clock.now + delay, self.seq, self.clock.now))
+            self.msgs.append(Msg(a, self.clock.now + delay, self.seq, self.clock.now, copy))
         self.msgs.sort(key=lambda m: (m.eta, m.seq))
         if actions:
             self._log("    -> " + ", ".join(show(a) for a in actions))
@@ -262,14 +295,18 @@ class GenqMachine(RuleBasedStateMachine):
                 return self.training.poll(model_id, gen)
             case Notify(job_id, _):
                 return self.callbacks.deliver(job_id, self.sink)
+            case Admit(family, token, _):
+                return self.jobs.admit(family, token)
         raise AssertionError(f"unknown action {action!r}")
 
     def _advance(self, seconds: float) -> None:
-        if "expire" not in OFF:
-            self._track_ttls()  # TTLs set by this step, before time moves past them
+        self._track_ttls()  # TTLs set by this step, before time moves past them
         self.clock.now += seconds
-        if "expire" not in OFF:
-            self._expire()
+        self._expire()
+
+    def _retimed(self, family: str) -> None:
+        """The limiter just set ``family``'s tick key: its TTL starts now, whatever PTTL said before."""
+        self.pttl_seen.pop(f"{keys.admit_prefix(family)}:tick", None)
 
     def _expire(self) -> None:
         """Delete keys whose TTL ran out in fake time, as Redis would have."""
@@ -286,11 +323,12 @@ class GenqMachine(RuleBasedStateMachine):
                 job_id = k[len(keys.JOB_PREFIX) :]
                 self.expired.add(job_id)
                 self._log(f"(redis expired the record of {job_id})")
-            elif k.startswith(f"{keys.PREFIX}:idem:"):
+            elif k.startswith(f"{keys.PREFIX}:idem:") or k == TICK_KEY:
                 self._log(f"(redis expired {k})")
 
     def _track_ttls(self) -> None:
-        names = [k.decode() for k in self.redis.keys("*")]
+        patterns = ["*"] if "expire" not in OFF else [f"{keys.PREFIX}:admit:*", f"{keys.PREFIX}:limit:*"]
+        names = [k.decode() for pattern in patterns for k in self.redis.keys(pattern)]
         pipe = self.redis.pipeline()
         for k in names:
             pipe.pttl(k)
@@ -478,7 +516,7 @@ class GenqMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.msgs)
     @rule(
         pick=st.integers(0, 1000),
-        outcome=st.sampled_from(OUTCOMES),
+        outcome=st.sampled_from(ANSWERS),
         retry_after=st.sampled_from([1.0, 4.0, 30.0]),
         fate=st.sampled_from(["success", "failed"]),
         duration=st.sampled_from([3.0, 12.0, 40.0, 200.0]),
@@ -497,12 +535,27 @@ class GenqMachine(RuleBasedStateMachine):
 
         self._step(f"deliver {show(m.action)} answer={outcome}/{retry_after:.0f}s{extra}", go)
 
+    @precondition(lambda self: ADMISSION and any(isinstance(m.action, SubmitLater) for m in self.msgs))
+    @rule(pick=st.integers(0, 1000), retry_after=st.sampled_from([1.0, 4.0, 30.0]))
+    def deliver_to_full_window(self, pick: int, retry_after: float) -> None:
+        """A submit message is taken while the rate window is full: it joins the admission queue. (A
+        rule of its own: ``deliver`` draws this answer for one message in nine, mostly not a submit.)"""
+        submits = [m for m in self.msgs if isinstance(m.action, SubmitLater)]
+        m = submits[pick % len(submits)]
+
+        def go() -> None:
+            self.msgs.remove(m)
+            STATS.deliveries += 1
+            self._deliver(m, "queued", retry_after)
+
+        self._step(f"deliver {show(m.action)} answer=queued/{retry_after:.0f}s", go)
+
     @precondition(lambda self: self.msgs and "race" not in OFF)
     @rule(
         pick=st.integers(0, 1000),
         other=st.integers(0, 1000),
         racer=st.sampled_from(["message", "cancel", "slow"]),
-        outcome=st.sampled_from(OUTCOMES),
+        outcome=st.sampled_from(ANSWERS),
     )
     def race(self, pick: int, other: int, racer: str, outcome: str) -> None:
         """Two things at once: while a worker's step is inside its upstream call (the upstream has
@@ -563,7 +616,7 @@ class GenqMachine(RuleBasedStateMachine):
         def go() -> None:
             self.injected[subject(m.action)] += 1
             self.seq += 1
-            self.msgs.append(Msg(m.action, m.eta, self.seq))
+            self.msgs.append(Msg(m.action, m.eta, self.seq, m.sent, copy=True))
             self.msgs.sort(key=lambda x: (x.eta, x.seq))
 
         self._step(f"duplicate {show(m.action)}", go)
@@ -575,12 +628,40 @@ class GenqMachine(RuleBasedStateMachine):
         m = self._pick_msg(pick)
         self._step(f"lose {show(m.action)}", lambda: self.msgs.remove(m))
 
+    @precondition(lambda self: ADMISSION)
+    @rule(seconds=st.sampled_from([4.0, 30.0]))
+    def upstream_closes(self, seconds: float) -> None:
+        """Another worker got a 429: the limiter closes the upstream for every worker (``block``).
+        Ticks meanwhile grant nothing and schedule themselves for its end, so the queue outlives them
+        (a rule of its own: a 429 answer to a step of this model is rare)."""
+        limiter = self.upstream.limiter
+        assert limiter is not None
+        self._step(
+            f"the upstream closes for {seconds:.0f}s (a 429 elsewhere)", lambda: limiter.block(seconds)
+        )
+
+    @precondition(lambda self: ADMISSION and "losequeue" not in OFF)
+    @rule()
+    def lose_queue(self) -> None:
+        """The admission queue is lost (a failover to a replica that missed it, a flush): its queued
+        submits, turns granted and tick token are gone; the ledger is not. ``JobService._queue`` holds
+        each queued job in the due index for this: the sweeper sends it again after its hold."""
+
+        def go() -> None:
+            gone = [k.decode() for k in self.redis.keys(f"{keys.PREFIX}:admit:*")]
+            STATS.admission["queue lost"] += bool(gone)
+            if gone:
+                self.redis.delete(*gone)
+            self._log(f"    deleted {sorted(gone)}")
+
+        self._step("lose the admission queue", go)
+
     @precondition(lambda self: self.msgs and "crash" not in OFF)
     @rule(
         pick=st.integers(0, 1000),
         writes=st.sampled_from([99, 1, 2, 3, 4]),
         redelivered=st.booleans(),
-        outcome=st.sampled_from(OUTCOMES),
+        outcome=st.sampled_from(ANSWERS),
     )
     def crash(self, pick: int, writes: int, redelivered: bool, outcome: str) -> None:
         """A worker dies while running a message: before its ``writes``-th Redis write (99: after all
@@ -601,7 +682,7 @@ class GenqMachine(RuleBasedStateMachine):
                 self._log("    (died)")
             if redelivered:
                 self.injected[subject(m.action)] += 1
-                self._enqueue([m.action])
+                self._enqueue([m.action], copy=True)
 
         verb = "redelivered" if redelivered else "lost"
         self._step(f"crash {show(m.action)} answer={outcome} {where}; message {verb}", go)
@@ -809,6 +890,66 @@ def check_i3_bounded_messages(m: GenqMachine) -> None:
             )
 
 
+def check_i3_one_submit_chain(m: GenqMachine) -> None:
+    """I3 (submits): a pending job has at most one live submit message (of its current step
+    generation), plus one per duplicate the model injected. Each step generation is sent at most
+    once (a retry, a re-drive, a budget wait, an admission grant all start a new one), so a second
+    live message is a second chain: a grant must replace the job's chain, never add one."""
+    live = Counter(
+        msg.action.job_id
+        for msg in m.msgs
+        if isinstance(msg.action, SubmitLater)
+        and (rec := m.records.get(msg.action.job_id)) is not None
+        and rec.state is JobState.PENDING
+        and rec.poll_gen == msg.action.gen
+    )
+    for job_id, count in live.items():
+        if count > 1 + m.injected[job_id]:
+            shown = [
+                show(x.action)
+                for x in m.msgs
+                if isinstance(x.action, SubmitLater) and x.action.job_id == job_id
+            ]
+            m.fail(
+                "I3 bounded messages",
+                f"pending {job_id}: {count} live submit messages "
+                f"(bound 1 + {m.injected[job_id]} injected): {shown}",
+            )
+
+
+def check_i11_one_admission_tick(m: GenqMachine) -> None:
+    """I11: one admission tick chain (docs/design.md: "guarded by a token in Redis so a superseded or
+    duplicated chain stops"). The ``Admit`` messages still live (their token is the one scheduled in
+    Redis; any other token's tick does nothing) are one, plus the injected copies (duplicates,
+    redeliveries) not yet run: once a copy or its original has run, the other must find itself
+    superseded, not go on as a second chain."""
+    token = m.redis.get(TICK_KEY)
+    if token is None:
+        return
+    live = [msg for msg in m.msgs if isinstance(msg.action, Admit) and msg.action.token == token.decode()]
+    copies = sum(msg.copy for msg in live)
+    if len(live) > 1 + copies:
+        m.fail(
+            "I11 one admission tick",
+            f"{len(live)} live ticks (bound 1 + {copies} injected copies not yet run): "
+            f"{[show(x.action) for x in live]}",
+        )
+
+
+def check_i12_live_jobs_are_swept(m: GenqMachine) -> None:
+    """I12: every job not ended is in the due index, the sweeper's net: whatever is lost (a message,
+    a tick, the admission queue, a worker mid-step), the sweeper finds the job there and drives it on.
+    Every step writes a job's state and its due time in one script, so there is no moment between."""
+    pipe = m.redis.pipeline()
+    live = [j for j, r in m.records.items() if not r.terminal]
+    for job_id in live:
+        pipe.zscore(keys.DUE, job_id)
+    lost = [j for j, score in zip(live, pipe.execute(), strict=True) if score is None]
+    if lost:
+        details = {j: (m.records[j].state.value, m.records[j].poll_gen) for j in lost}
+        m.fail("I12 live jobs are swept", f"not in {keys.DUE}: {details}")
+
+
 def _sha(m: GenqMachine, path: Path) -> str:
     st_ = path.stat()
     key = (str(path), st_.st_mtime, st_.st_size)
@@ -975,11 +1116,14 @@ STEP_CHECKS = [
     ("I1", check_i1_only_ended_records_expire),
     ("I2", check_i2_one_paid_post),
     ("I3", check_i3_bounded_messages),
+    ("I3", check_i3_one_submit_chain),
     ("I6", check_i6_whole_files),
     ("I7", check_i7_keys_and_indexes),
     ("I8", check_i8_one_train_call),
     ("I9", check_i9_terminal_is_final),
     ("I10", check_i10_budget_caps),
+    ("I11", check_i11_one_admission_tick),
+    ("I12", check_i12_live_jobs_are_swept),
 ]
 END_CHECKS = [
     ("I1", check_i1_all_end),

@@ -1,6 +1,7 @@
 """The counterexamples of ``tests/model/FINDINGS.md`` as fixed step sequences through the same machine,
-so each one can be replayed (and kept as a regression test) without hypothesis. Each fails at HEAD
-d11bef6 with the named invariant and passes once its root cause is fixed."""
+so each one can be replayed (and kept as a regression test) without hypothesis. Each fails at the
+commit FINDINGS.md names (d11bef6 for most) with the named invariant and passes once its root cause is
+fixed."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from genq import keys
+from genq import keys, limits
 from genq.actions import SubmitLater
 from genq.schemas import JobState
-from tests.model.machine import UUIDS, GenqMachine, InvariantBroken, World
+from tests.model.machine import ADMISSION, UUIDS, GenqMachine, InvariantBroken, World
 from tests.model.test_invariants import world  # noqa: F401  (the module's redis-server fixture)
 
 pytestmark = pytest.mark.integration
@@ -223,3 +224,101 @@ def test_a_queued_submit_is_not_sent_again_and_a_lost_one_is(m: GenqMachine) -> 
     check(m)
     assert [msg.action for msg in m.msgs] == [SubmitLater("image1", 0.0, 1)]
     finish(m)
+
+
+# ------------------------------------------------------------------ the admission queue
+
+queue_on = pytest.mark.skipif(not ADMISSION, reason="GENQ_MODEL_OFF=admission")
+
+
+def admitted(m: GenqMachine, job_id: str) -> None:
+    """The job succeeded with one paid POST (I2 checks "at most one"; this, that it was made)."""
+    assert m.records[job_id].state is JobState.SUCCEEDED, m.records[job_id]
+    assert [p.subject for p in m.upstream.posts if p.acted] == [job_id]
+
+
+@queue_on
+def test_a_queued_submit_whose_tick_is_lost_is_ticked_again(m: GenqMachine) -> None:
+    """The tick's message is lost: its token's TTL runs out and the sweeper starts a tick again. The
+    hold runs out first; the job, sent again, finds itself queued and keeps its place (no POST)."""
+    m.submit("image", 1, False, False, False, None)
+    m.deliver_to_full_window(0, 4.0)
+    check(m)
+    assert m.records["image1"].state is JobState.PENDING and not m.upstream.posts
+    m.lose(first(m, "Admit"))
+    m.tick(20.0)  # past the hold (2 * 4 s + grace): re-driven, and queued again behind itself
+    m.sweep()
+    m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)
+    check(m)
+    assert not m.upstream.posts and not [x for x in m.msgs if type(x.action).__name__ == "Admit"]
+    m.tick(20.0)  # the tick's token expired: the next sweep rearms
+    m.sweep()
+    check(m)
+    assert "Admit" in [type(x.action).__name__ for x in m.msgs]
+    finish(m)
+    admitted(m, "image1")
+
+
+@queue_on
+def test_a_submit_queued_when_the_queue_is_lost_is_sent_after_its_hold(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, False, None)
+    m.deliver_to_full_window(0, 30.0)
+    m.lose_queue()
+    check(m)  # I12: still in the due index, held for 2 * 30 s + grace
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)  # its token is gone: it does nothing
+    assert not m.msgs
+    finish(m)
+    admitted(m, "image1")
+
+
+@queue_on
+def test_a_duplicated_tick_grants_each_turn_once(m: GenqMachine) -> None:
+    for _ in range(2):
+        m.submit("image", 1, False, False, False, None)
+    m.deliver_to_full_window(first(m, "SubmitLater"), 1.0)  # image1 queued: the tick is sent
+    m.deliver(first(m, "SubmitLater"), "ok", 1.0, "success", 3.0)  # image2 queues behind it
+    check(m)
+    assert {r.state for r in m.records.values()} == {JobState.PENDING} and not m.upstream.posts
+    m.duplicate(first(m, "Admit"))
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)
+    check(m)
+    granted = sorted(x.action.job_id for x in m.msgs if isinstance(x.action, SubmitLater))
+    assert granted == ["image1", "image2"]
+    finish(m)
+    assert sorted(p.subject for p in m.upstream.posts) == ["image1", "image2"]
+
+
+@queue_on
+def test_f16_a_turn_never_taken_leaves_redis(m: GenqMachine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A granted turn whose job never comes to take it (cancelled first) must not stay in the grants
+    hash for ever. Grants are timed by Redis's clock, which the model's fake time cannot age: here
+    every turn has run out as soon as it is given."""
+    monkeypatch.setattr(limits, "GRANT_SECONDS", -1.0)
+    grants = f"{keys.admit_prefix('trigger')}:grants"
+    m.submit("image", 1, False, False, False, None)
+    m.submit("image", 1, False, False, False, None)
+    m.deliver_to_full_window(first(m, "SubmitLater"), 1.0)  # image1 queued
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)  # its turn: SubmitLater(image1)
+    assert m.redis.hexists(grants, "image1")
+    m.cancel(0)  # cancelled before it took its turn: it never asks for it
+    image2 = [i for i, x in enumerate(m.msgs) if x.action == SubmitLater("image2", 0.0)]
+    m.deliver_to_full_window(image2[0], 1.0)  # image2 queued: a new tick
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)
+    check(m)
+    assert not m.redis.hexists(grants, "image1")
+
+
+@queue_on
+def test_f17_a_duplicated_admission_tick_does_not_go_on_as_a_second_chain(m: GenqMachine) -> None:
+    m.submit("image", 1, False, False, False, None)
+    m.deliver_to_full_window(0, 1.0)  # queued: the tick is sent
+    assert m.upstream.limiter is not None
+    m.upstream.limiter.block(30)  # a 429 closed the upstream: ticks grant nothing, the queue stays
+    m.duplicate(first(m, "Admit"))  # the broker will deliver the tick twice (a redelivery)
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)
+    check(m)
+    m.deliver(first(m, "Admit"), "ok", 1.0, "success", 3.0)
+    check(m)  # I11: the second delivery must find its chain superseded
+    finish(m)  # the closure's key expires in fake time: the next tick grants the turn
+    admitted(m, "image1")

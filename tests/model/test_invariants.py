@@ -154,7 +154,7 @@ def explore(
             f"{STATS.steps - before[1]} steps, {STATS.deliveries} deliveries "
             f"(+{STATS.quiesce_deliveries} in quiesce), {STATS.jobs} jobs in "
             f"{time.monotonic() - started:.1f}s; answers {dict(STATS.outcomes)}; "
-            f"end states {dict(STATS.end_states)}"
+            f"end states {dict(STATS.end_states)}; admission queue {dict(STATS.admission)}"
         )
         with capsys.disabled():
             print("\n" + line)

@@ -337,7 +337,7 @@ def _genqueue_profiled(ctx: Context, s: Stack, n: int) -> dict[str, Any]:
         producer.submit_image(f"profiled {i}", num_images=1)
     wait_terminal(ctx, s.redis, n, timeout=300)
     producer.close()
-    s.stop_processes()  # warm shutdown: the profiled children dump their stats
+    s.stop_processes(graceful=True)  # the profiled children dump their stats on a warm shutdown
     return summarize_profile(sorted(glob.glob(str(prof_dir / "child-*.prof"))), n)
 
 

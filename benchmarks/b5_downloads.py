@@ -278,7 +278,7 @@ class _Downloads:
         seconds = (last - first) if last else None
         sha_ok = _check_sha(s, ok[:2])
         peak_rate = s.sim.stats(include_jobs=False)["max_rate_1s"]
-        worker.stop()
+        worker.kill()
         s.processes.remove(worker)
         shutil.rmtree(s.download_dir, ignore_errors=True)
         return {

@@ -145,8 +145,7 @@ def run(ctx: Context) -> BenchResult:
 
 
 def _genqueue_run(ctx: Context, s, env: dict[str, str], jobs: int) -> dict:  # type: ignore[no-untyped-def]
-    s.worker(concurrency=SLOTS, env=env)
-    s.beat(env=env)
+    s.workers([{"concurrency": SLOTS, "env": env}], beat_env=env)
     producer = producer_for(s, env)
     t0 = time.time()
     ids = [producer.submit_image(f"slots {i}", num_images=1).id for i in range(jobs)]

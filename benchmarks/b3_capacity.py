@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks import baseline_app
 from benchmarks.context import Context, settings_for
-from benchmarks.harness import Stack, settle_memory, stack, tree_rss, wait_until
+from benchmarks.harness import BenchWorker, Stack, settle_memory, stacks, tree_rss, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, per_item, ratio, summary
@@ -71,10 +72,14 @@ def run(ctx: Context) -> BenchResult:
         "pools": DEFAULT_POOLS,
         "sweep_interval": 2.0,
     }
-    with stack(SimConfig(api_key="bench-key", images_per_job=1), ctx.workdir / NAME, NAME) as s:
-        gq = _genqueue(ctx, s, n, window)
-        s.reset()
-        base = _bare(ctx, s, held)
+    sim = SimConfig(api_key="bench-key", images_per_job=1)
+    # The baseline on a stack of its own, its worker booted with genqueue's pools (it idles, blocked
+    # on its queue, while genqueue is measured): its Redis holds only its own tasks.
+    with stacks((sim, ctx.workdir / NAME, NAME), (sim, ctx.workdir / f"{NAME}-base", "base")) as (s, sb):
+        with ThreadPoolExecutor(1) as pool:
+            bare_worker = pool.submit(sb.worker, app="benchmarks.baseline_app", concurrency=4, queues=[POLL])
+            gq = _genqueue(ctx, s, n, window)
+            base = _bare(ctx, sb, held, bare_worker.result())
         # The sweep look-ahead prototype, side by side with genqueue as it is, at a load this node
         # sustains (the full N may exceed its poll rate, and then the backlog hides the sweep's share).
         sustained: dict[str, Any] = {}
@@ -202,8 +207,7 @@ def _late_why(gq: dict[str, Any]) -> str:
 def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.worker") -> dict[str, Any]:
     settings = settings_for(s, ENV)
     ctx.log(f"{NAME}: starting the default pools (submit, poll, download, training) and beat")
-    workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS])
-    beat = s.beat(env=ENV)
+    workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS], beat_env=ENV)
     pids = [w.pid for w in workers]
     # Warm-up: a few jobs polled right away, so every pool child has made its first poll (imports,
     # connections, caches) before the "before" figure; they stay in flight like the others.
@@ -257,7 +261,6 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     gets = stats["requests"].get("GET /jobs", 0)
     due_until_read = sum(1 for at in scheduled.values() if at <= read_at)
     held_by_workers = _eta_held(s)
-    beat.stop()
     s.stop_processes()
     return {
         "jobs": n,
@@ -390,10 +393,8 @@ def write_submitted(
         ledger._create, ledger._transition = real_create, real_transition  # type: ignore[assignment]
 
 
-def _bare(ctx: Context, s: Stack, held: int) -> dict[str, Any]:
+def _bare(ctx: Context, s: Stack, held: int, worker: BenchWorker) -> dict[str, Any]:
     ctx.log(f"{NAME}: baseline, {held:,} bare Celery countdown tasks held by a bare worker")
-    worker = s.worker(app="benchmarks.baseline_app", concurrency=4, queues=[POLL])
-    time.sleep(ctx.size(1.0, 2.0))
     rss0 = tree_rss([worker.pid], "pss")
     mem0 = settle_memory(s.redis, 0.5)
     client = baseline_app.make_app(s.redis_server.url, main=False)

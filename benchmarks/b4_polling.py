@@ -28,11 +28,13 @@ import math
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from benchmarks import harness
 from benchmarks.adaptive import frontier, replay_learned
 from benchmarks.context import Context, producer_for, records, wait_terminal
-from benchmarks.harness import Stack, stack
+from benchmarks.harness import Stack
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, percentile, ratio, summary
@@ -130,14 +132,21 @@ def run(ctx: Context) -> BenchResult:
     sim = SimConfig(api_key="bench-key", images_per_job=1, video_bytes=20_000)
     outcome: dict[str, dict[str, Any]] = {}
     jobs = [(kind, d) for _, kind, d, _ in plan]
-    with (
-        stack(sim, ctx.workdir / f"{NAME}-base", "baseline") as sb,
-        stack(sim, ctx.workdir / f"{NAME}-gq", "gq") as sg,
-    ):
+    with harness.stacks(
+        (sim, ctx.workdir / f"{NAME}-base", "baseline"), (sim, ctx.workdir / f"{NAME}-gq", "gq")
+    ) as (sb, sg):
         stacks = {"baseline": sb, "genqueue": sg}
-        for name, s in stacks.items():
-            s.worker(concurrency=4, env=envs[name], queues=["submit", "poll", "download"])
-            s.beat(env=envs[name])
+        with ThreadPoolExecutor(len(stacks)) as pool:
+            booting = [
+                pool.submit(
+                    s.workers,
+                    [{"concurrency": 4, "env": envs[name], "queues": ["submit", "poll", "download"]}],
+                    beat_env=envs[name],
+                )
+                for name, s in stacks.items()
+            ]
+            for boot in booting:
+                boot.result()
         ctx.log(
             f"{NAME}: {n_img} images + {n_vid} videos, time / {c:g}, slow x{SLOWDOWN:g} mid-run, "
             "fixed 5 s and genqueue side by side"
@@ -153,6 +162,7 @@ def run(ctx: Context) -> BenchResult:
         longest = max(d for _, d in jobs) / c
         for s in stacks.values():
             wait_terminal(ctx, s.redis, len(jobs), timeout=longest * 2 + 60, kinds=KINDS)
+        ctx.log(f"{NAME}: all terminal; reading the simulator's truth, then the replay and frontiers")
         for name, s in stacks.items():
             outcome[name]["jobs"] = _measure(s, outcome[name].pop("ids"), plan, c)
             outcome[name]["sim_peak_rate_1s"] = s.sim.stats(include_jobs=False)["max_rate_1s"]

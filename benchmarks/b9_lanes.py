@@ -32,7 +32,7 @@ POSTS = "POST /images/generation"
 def run(ctx: Context) -> BenchResult:
     backlog = ctx.size(2_000, 20_000)
     probes = ctx.size(8, 30)
-    window = ctx.size(10.0, 30.0)
+    window = ctx.size(5.0, 30.0)
     result = BenchResult(NAME, "Priority lanes: interactive submit->POST behind a batch backlog")
     env = {
         "GENQ_LIMITS_TRIGGER_RATE": str(RATE),
@@ -45,8 +45,7 @@ def run(ctx: Context) -> BenchResult:
         api_key="bench-key", images_per_job=1, image_size=16, duration=Duration(kind="fixed", value=0.5)
     )
     with stack(sim, ctx.workdir / NAME, NAME) as s:
-        s.worker(concurrency=SLOTS, env=env)
-        s.beat(env=env)
+        s.workers([{"concurrency": SLOTS, "env": env}], beat_env=env)
         web = Producer(settings_for(s, env), producer_id="web")
         backfill = Producer(settings_for(s, env), producer_id="backfill")
         ctx.log(f"{NAME}: {probes} interactive jobs on the idle system")

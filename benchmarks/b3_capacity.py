@@ -62,7 +62,7 @@ DEFAULT_POOLS = [  # README "Running workers" and docker-compose: one worker per
 def run(ctx: Context) -> BenchResult:
     n = ctx.size(5_000, 100_000)
     held = ctx.size(1_000, 10_000)
-    window = ctx.size(6.0, 60.0)
+    window = ctx.size(5.0, 60.0)
     result = BenchResult(NAME, f"Capacity: {n:,} jobs in flight")
     result.size = {
         "jobs": n,
@@ -209,6 +209,7 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     ctx.log(f"{NAME}: starting the default pools (submit, poll, download, training) and beat")
     workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS], beat_env=ENV)
     pids = [w.pid for w in workers]
+    ctx.log(f"{NAME}: pools up; warm-up polls")
     # Warm-up: a few jobs polled right away, so every pool child has made its first poll (imports,
     # connections, caches) before the "before" figure; they stay in flight like the others.
     ledger = ledger_for(s.redis, settings)
@@ -220,9 +221,9 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     wait_until(
         lambda: all(int(p or 0) >= 1 for p in [s.redis.hget(f"genq:job:{w}", "polls") for w in warm]),
         timeout=30,
-        interval=0.2,
+        interval=0.1,
     )
-    time.sleep(1.0)
+    time.sleep(ctx.size(0.5, 1.0))
     rss0 = tree_rss(pids, "pss")
     mem0 = settle_memory(s.redis, 0.5)
 
@@ -239,7 +240,7 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     sizes = _key_sizes(s, ids[0])
 
     # Spread the next polls evenly over one cycle starting shortly, as in a steady state.
-    start = time.time() + ctx.size(2.0, 3.0)
+    start = time.time() + ctx.size(1.5, 3.0)
     scheduled = {job_id: start + CYCLE * i / n for i, job_id in enumerate(ids)}
     pipe = s.redis.pipeline(transaction=False)
     for k, (job_id, at) in enumerate(scheduled.items()):
@@ -253,7 +254,12 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     s.sim.reset_stats()
     time.sleep(max(0.0, start + window - time.time()))
     rss1 = tree_rss(pids, "pss")
-    time.sleep(2.5)  # polls due at the window's end get their sweep and run
+    # Polls due at the window's end get their sweep and run: up to a sweep interval and a bit. Quick
+    # stops as soon as every poll due in the window is made (the full run's reads would be 20,000).
+    if ctx.quick:
+        wait_until(lambda: _lateness(s, in_window, scheduled, time.time())[1] >= len(in_window), 2.5, 0.1)
+    else:
+        time.sleep(2.5)
     read_at = time.time()
     lateness, made = _lateness(s, in_window, scheduled, read_at)
     mem2 = used_memory_now(s)
@@ -403,7 +409,7 @@ def _bare(ctx: Context, s: Stack, held: int, worker: BenchWorker) -> dict[str, A
         baseline_app.send(client, "bench.hold", f"h{i}", countdown=3600)
     reserved = wait_until(lambda: _eta_held(s) >= held, timeout=120, interval=0.2)
     seconds = time.monotonic() - t
-    time.sleep(1.0)
+    time.sleep(ctx.size(0.5, 1.0))
     rss1 = tree_rss([worker.pid], "pss")
     mem1 = settle_memory(s.redis, 0.5)
     client.close()

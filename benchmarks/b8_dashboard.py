@@ -13,7 +13,7 @@ from this process (requests, one connection):
   first page and the same filter.
 
 The live stream: one SSE client on ``/events`` while this process makes real ledger transitions at 200
-per second for 10 s (5 s quick), then as fast as one thread can for 5 s (3 s quick); reported: events
+per second for 10 s (4 s quick), then as fast as one thread can for 5 s (2 s quick); reported: events
 delivered of those made, the delivered rate, and the lag from each transition's time to its arrival at
 the client.
 
@@ -270,8 +270,8 @@ def _html_times(session: requests.Session, url: str, repeat: int = REPEAT) -> li
 def run(ctx: Context) -> BenchResult:
     n = ctx.size(10_000, 100_000)
     repeat = ctx.size(20, REPEAT)
-    flat_out_s = ctx.size(3.0, 5.0)
-    figures = measure(ctx.workdir / NAME, n, ctx.size(5.0, 10.0), ctx.log, repeat, flat_out_s)
+    flat_out_s = ctx.size(2.0, 5.0)
+    figures = measure(ctx.workdir / NAME, n, ctx.size(4.0, 10.0), ctx.log, repeat, flat_out_s)
     result = BenchResult(NAME, f"Dashboard: jobs page with {n:,} jobs, live stream at 200/s")
     result.size = {"jobs": n, "repeat": repeat, "flat_out_s": flat_out_s}
     result.figures = figures

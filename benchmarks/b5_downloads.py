@@ -1,10 +1,13 @@
 """5. Downloads: N files of S MB from the simulator with the download pool's concurrency (threads 8).
 
 genqueue: each round's jobs are first brought to ``downloading`` (a submit + poll worker, kept for every
-round), then a download worker (``-Q download -P threads -c 8``, the project's default pool) starts and
-streams every file with all safety checks on (scheme and address checks, content type, byte cap,
+round), then a download worker (``-P threads -c 8``, the project's default pool) is given the download
+queue and streams every file with all safety checks on (scheme and address checks, content type, byte cap,
 wall-clock limit, sha256, fsync, atomic rename). Timed from the first download task received (worker
-log) to the last job finished; the worker's RSS is sampled every 50 ms.
+log) to the last job finished; the worker's RSS is sampled every 50 ms. The worker boots while the
+round's jobs are staged, on a queue nothing is sent to, and is told to consume ``download`` (Celery's
+``add_consumer``) once they all wait there: the round is still one burst, and no round waits for a
+boot.
 
 Baselines, in their own process with 8 threads, RSS sampled the same way:
 - fair: ``requests`` doing the same integrity work (sha256 in the read loop, temp file, fsync, rename);
@@ -19,14 +22,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+from celery import Celery
+
 from benchmarks.context import Context, counts, producer_for, records
-from benchmarks.harness import ROOT, RssSampler, Stack, process_rss, stack, wait_until
+from benchmarks.harness import ROOT, BenchWorker, RssSampler, Stack, process_rss, stack, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, fmt, median, ratio, spread
@@ -206,10 +213,12 @@ class _Downloads:
         self.done = 0
         self.stager = s.worker(queues=["submit", "poll"], concurrency=2, env=ENV)
         self.producer = producer_for(s, ENV)
+        self.control = Celery(broker=s.redis_server.url)
         self.round_no = 0
 
     def close(self) -> None:
         self.producer.close()
+        self.control.close()
 
     def warm_up(self, files: int) -> None:
         """One round of ``files`` per side, not counted."""
@@ -225,16 +234,19 @@ class _Downloads:
         gq_runs: list[dict[str, Any]] = []
         base_runs: list[dict[str, Any]] = []
         for _ in range(rounds):
-            ids, urls = self._stage()
+            with ThreadPoolExecutor(1) as booting:
+                worker = booting.submit(self._boot, app, ablate, pool)
+                ids, urls = self._stage()
+                idle_worker = worker.result()
             # Alternate who goes first, so a drift in the machine's load favours neither side.
             first_gq = self.round_no % 2 == 1
             self.round_no += 1
             if first_gq:
-                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool))
+                gq_runs.append(self._genqueue(ids, urls, idle_worker))
                 base_runs.append(_plain(self.s, urls, baseline))
             else:
                 base_runs.append(_plain(self.s, urls, baseline))
-                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool))
+                gq_runs.append(self._genqueue(ids, urls, idle_worker))
         per_round = [ratio(g["mb_per_s"], b["mb_per_s"]) for g, b in zip(gq_runs, base_runs, strict=True)]
         valid = [x for x in per_round if x is not None]
         return {
@@ -258,20 +270,24 @@ class _Downloads:
         urls = [f"{s.sim.url}/files/{r.upstream_id}/0.mp4?token={s.sim.config.file_token}" for r in recs]
         return ids, urls
 
-    def _genqueue(self, ids: list[str], urls: list[str], app: str, ablate: str, pool: str) -> dict[str, Any]:
-        s = self.s
-        s.sim.reset_stats()
-        worker = s.worker(
-            queues=["download"],
+    def _boot(self, app: str, ablate: str, pool: str) -> BenchWorker:
+        return self.s.worker(
+            queues=[f"bench-idle-{self.round_no}"],
             pool=pool,
             concurrency=THREADS,
             env={**ENV, "BENCH_ABLATE": ablate},
             app=app,
-            start=False,
         )
-        started = time.time()
-        worker.start()
+
+    def _genqueue(self, ids: list[str], urls: list[str], worker: BenchWorker) -> dict[str, Any]:
+        s = self.s
+        s.sim.reset_stats()
         idle = process_rss(worker.pid)
+        node = worker.hostname.replace("%h", socket.gethostname())
+        started = time.time()
+        answer = self.control.control.add_consumer("download", destination=[node], reply=True, timeout=10)
+        if not answer:
+            raise RuntimeError(f"download worker {node} did not answer add_consumer")
         target = self.done + self.files
         with RssSampler([worker.pid]) as sampler:
             done = wait_until(

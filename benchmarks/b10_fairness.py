@@ -5,7 +5,7 @@ producer ``shop`` (same weight) submits a batch of its own. Both share one trigg
 shop's share of all POSTs from its first POST to its last (the time both have work waiting), with fair
 shares on (goal: it keeps its 50 % share within 10 %, i.e. >= 0.45) and, as the baseline, off
 (``GENQ_BUDGETS_FAIR_SHARES=false``: first come, first served), both at once on separate stacks.
-Quick mode stops measuring 10 s after shop submits: both still have work waiting, which is the
+Quick mode stops measuring 12 s after shop submits: both still have work waiting, which is the
 time the share is about.
 """
 
@@ -29,11 +29,11 @@ POLL = '{"first_delay": 0.5, "interval": 0.5, "backoff": 1, "max_interval": 0.5,
 
 def run(ctx: Context) -> BenchResult:
     flood_jobs = ctx.size(1_500, 10_000)  # at most; it floods until shop's jobs are done
-    shop_jobs = ctx.size(16, 300)
+    shop_jobs = ctx.size(20, 300)
     # Quick: measured for at most this long after shop submits. Without fair shares shop gets a few
     # percent of the rate and would take minutes to finish; its share while both wait is the figure,
     # and a window in which both still wait measures just that.
-    window = ctx.size(10.0, None)
+    window = ctx.size(12.0, None)
     lead = ctx.size(2.0, 3.0)
     result = BenchResult(NAME, "Fair shares: one producer flooding, another's share of the rate")
     result.size = {

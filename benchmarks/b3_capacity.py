@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -78,7 +79,7 @@ def run(ctx: Context) -> BenchResult:
     with stacks((sim, ctx.workdir / NAME, NAME), (sim, ctx.workdir / f"{NAME}-base", "base")) as (s, sb):
         with ThreadPoolExecutor(1) as pool:
             bare_worker = pool.submit(sb.worker, app="benchmarks.baseline_app", concurrency=4, queues=[POLL])
-            gq = _genqueue(ctx, s, n, window)
+            gq = _genqueue(ctx, s, n, window, booted=bare_worker.result)
             base = _bare(ctx, sb, held, bare_worker.result())
         # The sweep look-ahead prototype, side by side with genqueue as it is, at a load this node
         # sustains (the full N may exceed its poll rate, and then the backlog hides the sweep's share).
@@ -204,11 +205,21 @@ def _late_why(gq: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.worker") -> dict[str, Any]:
+def _genqueue(
+    ctx: Context,
+    s: Stack,
+    n: int,
+    window: float,
+    app: str = "genq.worker",
+    booted: Callable[[], Any] = lambda: None,
+) -> dict[str, Any]:
+    """``booted`` returns once every other process of the run is up: a process that starts between
+    the two memory readings would share library pages with the workers and lower their PSS."""
     settings = settings_for(s, ENV)
     ctx.log(f"{NAME}: starting the default pools (submit, poll, download, training) and beat")
     workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS], beat_env=ENV)
     pids = [w.pid for w in workers]
+    booted()
     ctx.log(f"{NAME}: pools up; warm-up polls")
     # Warm-up: a few jobs polled right away, so every pool child has made its first poll (imports,
     # connections, caches) before the "before" figure; they stay in flight like the others.

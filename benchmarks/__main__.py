@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.context import Context
-from benchmarks.result import BenchResult, chart, document, table, write_json
+from benchmarks.result import BenchResult, chart, document, table, timings, write_json
 
 Runner = Callable[[Context], BenchResult]
 
@@ -125,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                 "platform": platform.platform(),
             },
             "benchmarks": chosen,
+            "seconds_by_benchmark": {r.name: r.seconds for r in results},
             "interrupted": interrupted,
         }
         doc = document(results, meta)
         write_json(doc, out)
         png = chart(results, out.with_suffix(".png"), f"genqueue benchmarks ({meta['mode']}) vs baselines")
         print(table(results))
+        print(f"\n{timings(results)}")
         print(f"\nJSON: {out}")
         print(
             f"chart: {png}" if png else "chart: skipped (matplotlib not installed: pip install -e '.[bench]')"

@@ -14,10 +14,11 @@ the ratio of wall times.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks import baseline_app
 from benchmarks.context import Context, done_times, producer_for, records, wait_done, wait_terminal
-from benchmarks.harness import stack
+from benchmarks.harness import stacks
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, ratio, summary
@@ -54,18 +55,27 @@ def run(ctx: Context) -> BenchResult:
         "limits": LIMITS,
     }
     sim = SimConfig(api_key="bench-key", images_per_job=1, duration=Duration(kind="fixed", value=JOB_SECONDS))
-    with stack(sim, ctx.workdir / NAME, NAME) as s:
+    env = {**LIMITS, "GENQ_POLL_IMAGE": MATCHED_POLL}
+    # Each side on its own stack, both booted at once; the side not being measured idles (blocked on
+    # its queue; genqueue's beat ticks every 2 s) while the other runs.
+    with stacks((sim, ctx.workdir / f"{NAME}-base", "base"), (sim, ctx.workdir / NAME, NAME)) as (sb, s):
+        with ThreadPoolExecutor(2) as pool:
+            booting = [
+                pool.submit(sb.worker, app="benchmarks.baseline_app", concurrency=SLOTS, queues=["poll"]),
+                pool.submit(s.workers, [{"concurrency": SLOTS, "env": env}], beat_env=env),
+            ]
+            for boot in booting:
+                boot.result()
         # Baseline first: the blocking loop.
         ctx.log(f"{NAME}: baseline, {blocking_jobs} blocking jobs on prefork {SLOTS}")
-        s.worker(app="benchmarks.baseline_app", concurrency=SLOTS, queues=["poll"])
-        client = baseline_app.make_app(s.redis_server.url, main=False)
+        client = baseline_app.make_app(sb.redis_server.url, main=False)
         t0 = time.time()
         for i in range(blocking_jobs):
             baseline_app.send(client, "bench.blocking", f"b{i}", f"blocking {i}", INTERVAL)
-        ok = wait_done(ctx, s.redis, blocking_jobs, timeout=blocking_jobs * JOB_SECONDS * 2 + 60)
-        finished = done_times(s.redis)
+        ok = wait_done(ctx, sb.redis, blocking_jobs, timeout=blocking_jobs * JOB_SECONDS * 2 + 60)
+        finished = done_times(sb.redis)
         base_seconds = (max(finished) - t0) if finished else None
-        base_gets = sum(int(v) for v in s.redis.hvals(baseline_app.GETS))
+        base_gets = sum(int(v) for v in sb.redis.hvals(baseline_app.GETS))
         client.close()
         base = {
             "jobs": blocking_jobs,
@@ -76,16 +86,16 @@ def run(ctx: Context) -> BenchResult:
             "all_completed": ok,
         }
         base["seconds_for_full_size"] = jobs / base["jobs_per_s"] if base["jobs_per_s"] else None
-        s.reset()
+        sb.stop_processes()
 
         # genqueue: full pipeline, same slots.
         ctx.log(f"{NAME}: genqueue, {jobs} jobs, prefork {SLOTS}, limiter on, poll every {INTERVAL}s")
-        env = {**LIMITS, "GENQ_POLL_IMAGE": MATCHED_POLL}
         gq = _genqueue_run(ctx, s, env, jobs)
         s.reset()
         default: dict = {"jobs_per_s": None, "note": "full run only"}  # type: ignore[type-arg]
         if not ctx.quick:
             ctx.log(f"{NAME}: genqueue with its default image policy (for information)")
+            s.workers([{"concurrency": SLOTS, "env": LIMITS}], beat_env=LIMITS)
             default = _genqueue_run(ctx, s, dict(LIMITS), jobs)
         peak = max(gq["sim_peak_rate_1s"], default.get("sim_peak_rate_1s") or 0)
 
@@ -145,8 +155,7 @@ def run(ctx: Context) -> BenchResult:
 
 
 def _genqueue_run(ctx: Context, s, env: dict[str, str], jobs: int) -> dict:  # type: ignore[no-untyped-def]
-    s.worker(concurrency=SLOTS, env=env)
-    s.beat(env=env)
+    """One run on the stack's running worker and beat (stopped at the end)."""
     producer = producer_for(s, env)
     t0 = time.time()
     ids = [producer.submit_image(f"slots {i}", num_images=1).id for i in range(jobs)]

@@ -24,13 +24,14 @@ import pstats
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 
 from benchmarks import baseline_app
 from benchmarks.context import Context, done_times, producer_for, records, wait_done, wait_terminal
-from benchmarks.harness import Stack, calls_delta, command_calls, stack, tree_cpu
+from benchmarks.harness import Stack, calls_delta, command_calls, stacks, tree_cpu
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, median, ratio, spread
@@ -93,9 +94,10 @@ def run(ctx: Context) -> BenchResult:
     gq_runs: list[dict[str, Any]] = []
     # One stack per side, its workers started once and kept for every round: each side's Redis counts
     # only its own commands, and no round pays (or hides) a worker's start-up.
-    with stack(sim, ctx.workdir / f"{NAME}-base", "base") as sb, stack(sim, ctx.workdir / NAME, NAME) as s:
-        bare = _BareSide(ctx, sb)
-        gq = _GenqueueSide(ctx, s)
+    with stacks((sim, ctx.workdir / f"{NAME}-base", "base"), (sim, ctx.workdir / NAME, NAME)) as (sb, s):
+        with ThreadPoolExecutor(2) as pool:  # both sides boot at once: their workers take seconds
+            booting_bare, booting_gq = pool.submit(_BareSide, ctx, sb), pool.submit(_GenqueueSide, ctx, s)
+            bare, gq = booting_bare.result(), booting_gq.result()
         ctx.log(f"{NAME}: warm-up, {warm} jobs each")
         bare.round(warm)
         gq.round(warm)
@@ -299,8 +301,7 @@ class _BareSide(_Side):
 class _GenqueueSide(_Side):
     def __init__(self, ctx: Context, s: Stack) -> None:
         super().__init__(ctx, s)
-        s.worker(concurrency=CONCURRENCY, env=ENV)
-        s.beat(env=ENV)
+        s.workers([{"concurrency": CONCURRENCY, "env": ENV}], beat_env=ENV)
         self.producer = producer_for(s, ENV)
         self.done = 0
 
@@ -337,7 +338,7 @@ def _genqueue_profiled(ctx: Context, s: Stack, n: int) -> dict[str, Any]:
         producer.submit_image(f"profiled {i}", num_images=1)
     wait_terminal(ctx, s.redis, n, timeout=300)
     producer.close()
-    s.stop_processes()  # warm shutdown: the profiled children dump their stats
+    s.stop_processes(graceful=True)  # the profiled children dump their stats on a warm shutdown
     return summarize_profile(sorted(glob.glob(str(prof_dir / "child-*.prof"))), n)
 
 

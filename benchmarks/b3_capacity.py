@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks import baseline_app
 from benchmarks.context import Context, settings_for
-from benchmarks.harness import Stack, settle_memory, stack, tree_rss, wait_until
+from benchmarks.harness import BenchWorker, Stack, settle_memory, stacks, tree_rss, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, per_item, ratio, summary
@@ -61,7 +63,7 @@ DEFAULT_POOLS = [  # README "Running workers" and docker-compose: one worker per
 def run(ctx: Context) -> BenchResult:
     n = ctx.size(5_000, 100_000)
     held = ctx.size(1_000, 10_000)
-    window = ctx.size(6.0, 60.0)
+    window = ctx.size(5.0, 60.0)
     result = BenchResult(NAME, f"Capacity: {n:,} jobs in flight")
     result.size = {
         "jobs": n,
@@ -71,10 +73,14 @@ def run(ctx: Context) -> BenchResult:
         "pools": DEFAULT_POOLS,
         "sweep_interval": 2.0,
     }
-    with stack(SimConfig(api_key="bench-key", images_per_job=1), ctx.workdir / NAME, NAME) as s:
-        gq = _genqueue(ctx, s, n, window)
-        s.reset()
-        base = _bare(ctx, s, held)
+    sim = SimConfig(api_key="bench-key", images_per_job=1)
+    # The baseline on a stack of its own, its worker booted with genqueue's pools (it idles, blocked
+    # on its queue, while genqueue is measured): its Redis holds only its own tasks.
+    with stacks((sim, ctx.workdir / NAME, NAME), (sim, ctx.workdir / f"{NAME}-base", "base")) as (s, sb):
+        with ThreadPoolExecutor(1) as pool:
+            bare_worker = pool.submit(sb.worker, app="benchmarks.baseline_app", concurrency=4, queues=[POLL])
+            gq = _genqueue(ctx, s, n, window, booted=bare_worker.result)
+            base = _bare(ctx, sb, held, bare_worker.result())
         # The sweep look-ahead prototype, side by side with genqueue as it is, at a load this node
         # sustains (the full N may exceed its poll rate, and then the backlog hides the sweep's share).
         sustained: dict[str, Any] = {}
@@ -199,12 +205,22 @@ def _late_why(gq: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.worker") -> dict[str, Any]:
+def _genqueue(
+    ctx: Context,
+    s: Stack,
+    n: int,
+    window: float,
+    app: str = "genq.worker",
+    booted: Callable[[], Any] = lambda: None,
+) -> dict[str, Any]:
+    """``booted`` returns once every other process of the run is up: a process that starts between
+    the two memory readings would share library pages with the workers and lower their PSS."""
     settings = settings_for(s, ENV)
     ctx.log(f"{NAME}: starting the default pools (submit, poll, download, training) and beat")
-    workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS])
-    beat = s.beat(env=ENV)
+    workers = s.workers([{**spec, "env": ENV, "app": app} for spec in DEFAULT_POOLS], beat_env=ENV)
     pids = [w.pid for w in workers]
+    booted()
+    ctx.log(f"{NAME}: pools up; warm-up polls")
     # Warm-up: a few jobs polled right away, so every pool child has made its first poll (imports,
     # connections, caches) before the "before" figure; they stay in flight like the others.
     ledger = ledger_for(s.redis, settings)
@@ -216,9 +232,9 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     wait_until(
         lambda: all(int(p or 0) >= 1 for p in [s.redis.hget(f"genq:job:{w}", "polls") for w in warm]),
         timeout=30,
-        interval=0.2,
+        interval=0.1,
     )
-    time.sleep(1.0)
+    time.sleep(ctx.size(0.5, 1.0))
     rss0 = tree_rss(pids, "pss")
     mem0 = settle_memory(s.redis, 0.5)
 
@@ -235,7 +251,7 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     sizes = _key_sizes(s, ids[0])
 
     # Spread the next polls evenly over one cycle starting shortly, as in a steady state.
-    start = time.time() + ctx.size(2.0, 3.0)
+    start = time.time() + ctx.size(1.5, 3.0)
     scheduled = {job_id: start + CYCLE * i / n for i, job_id in enumerate(ids)}
     pipe = s.redis.pipeline(transaction=False)
     for k, (job_id, at) in enumerate(scheduled.items()):
@@ -249,7 +265,12 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     s.sim.reset_stats()
     time.sleep(max(0.0, start + window - time.time()))
     rss1 = tree_rss(pids, "pss")
-    time.sleep(2.5)  # polls due at the window's end get their sweep and run
+    # Polls due at the window's end get their sweep and run: up to a sweep interval and a bit. Quick
+    # stops as soon as every poll due in the window is made (the full run's reads would be 20,000).
+    if ctx.quick:
+        wait_until(lambda: _lateness(s, in_window, scheduled, time.time())[1] >= len(in_window), 2.5, 0.1)
+    else:
+        time.sleep(2.5)
     read_at = time.time()
     lateness, made = _lateness(s, in_window, scheduled, read_at)
     mem2 = used_memory_now(s)
@@ -257,7 +278,6 @@ def _genqueue(ctx: Context, s: Stack, n: int, window: float, app: str = "genq.wo
     gets = stats["requests"].get("GET /jobs", 0)
     due_until_read = sum(1 for at in scheduled.values() if at <= read_at)
     held_by_workers = _eta_held(s)
-    beat.stop()
     s.stop_processes()
     return {
         "jobs": n,
@@ -390,10 +410,8 @@ def write_submitted(
         ledger._create, ledger._transition = real_create, real_transition  # type: ignore[assignment]
 
 
-def _bare(ctx: Context, s: Stack, held: int) -> dict[str, Any]:
+def _bare(ctx: Context, s: Stack, held: int, worker: BenchWorker) -> dict[str, Any]:
     ctx.log(f"{NAME}: baseline, {held:,} bare Celery countdown tasks held by a bare worker")
-    worker = s.worker(app="benchmarks.baseline_app", concurrency=4, queues=[POLL])
-    time.sleep(ctx.size(1.0, 2.0))
     rss0 = tree_rss([worker.pid], "pss")
     mem0 = settle_memory(s.redis, 0.5)
     client = baseline_app.make_app(s.redis_server.url, main=False)
@@ -402,7 +420,7 @@ def _bare(ctx: Context, s: Stack, held: int) -> dict[str, Any]:
         baseline_app.send(client, "bench.hold", f"h{i}", countdown=3600)
     reserved = wait_until(lambda: _eta_held(s) >= held, timeout=120, interval=0.2)
     seconds = time.monotonic() - t
-    time.sleep(1.0)
+    time.sleep(ctx.size(0.5, 1.0))
     rss1 = tree_rss([worker.pid], "pss")
     mem1 = settle_memory(s.redis, 0.5)
     client.close()

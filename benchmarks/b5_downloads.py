@@ -1,11 +1,14 @@
 """5. Downloads: N files of S MB from the simulator with the download pool's concurrency (threads 8).
 
 genqueue: each round's jobs are first brought to ``downloading`` (a submit + poll worker, kept for every
-round), then a download worker (``-Q download -P threads -c 8 --prefetch-multiplier 2``, the download
-pool as docker-compose runs it) starts and streams every file with all safety checks on (scheme and
-address checks, content type, byte cap, wall-clock limit, sha256, writeback while streaming, fsync,
-atomic rename). Timed from the first download task received (worker log) to the last job finished;
-the worker's RSS is sampled every 50 ms.
+round), then a download worker (``-P threads -c 8 --prefetch-multiplier 2``, the download pool as
+docker-compose runs it) is given the download queue and streams every file with all safety checks on
+(scheme and address checks, content type, byte cap, wall-clock limit, sha256, writeback while streaming,
+fsync, atomic rename). Timed from the first download task received (worker
+log) to the last job finished; the worker's RSS is sampled every 50 ms. The worker boots while the
+round's jobs are staged, on a queue nothing is sent to, and is told to consume ``download`` (Celery's
+``add_consumer``) once they all wait there: the round is still one burst, and no round waits for a
+boot.
 
 Baselines, in their own process with as many threads as the worker, RSS sampled the same way:
 - fair: ``requests`` with 8 threads doing the same integrity work (sha256 in the read loop, temp file,
@@ -22,14 +25,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+from celery import Celery
+
 from benchmarks.context import Context, counts, producer_for, records
-from benchmarks.harness import ROOT, RssSampler, Stack, process_rss, stack, wait_until
+from benchmarks.harness import ROOT, BenchWorker, RssSampler, Stack, process_rss, stack, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, fmt, median, ratio, spread
@@ -37,16 +44,16 @@ from genq.simulator import Duration, SimConfig
 
 NAME = "downloads"
 THREADS = 8
-THROTTLE = 100_000_000  # bytes/s per connection: a realistic link to a CDN
 # Files in parallel in the throttled run, on both sides. 8 x 100 MB/s is more than this 2-core machine
 # can hash and fsync, so that run measured the CPU again, not a link; at 2 x 100 MB/s the link is the
 # bottleneck on both sides, which is the case the goal is about.
 THROTTLED_THREADS = 2
+DOWNLOAD_WORKER_ARGS = ("--prefetch-multiplier", "2")  # as docker-compose's worker-download
+THROTTLE = 100_000_000  # bytes/s per connection: a realistic link to a CDN
 FAST = json.dumps(
     {"first_delay": 0.05, "interval": 0.05, "backoff": 1, "max_interval": 0.05, "jitter": 0, "deadline": 600}
 )
 ENV = {"GENQ_POLL_VIDEO": FAST}
-DOWNLOAD_WORKER_ARGS = ("--prefetch-multiplier", "2")  # as docker-compose's worker-download
 _RECEIVED = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/MainProcess\] Task genq\.download\[")
 
 
@@ -54,13 +61,14 @@ def run(ctx: Context) -> BenchResult:
     files = ctx.size(8, 40)
     size_mb = ctx.size(10, 50)
     rounds = ctx.size(2, 7)  # 7: on a shared machine a burst of other work can swing one round by 40 %
+    warm = ctx.size(2, files)  # quick: a small round warms the same paths (worker, simulator, disk)
     result = BenchResult(NAME, "Downloads vs requests doing the same integrity work")
     result.size = {
         "files": files,
         "mb_each": size_mb,
         "threads": THREADS,
         "rounds": rounds,
-        "warm_up": not ctx.quick,
+        "warm_up_files": warm,
         "chunk_bytes": 256 * 1024,
         "throttled_bytes_per_s_per_connection": THROTTLE,
         "throttled_threads": THROTTLED_THREADS,
@@ -70,9 +78,8 @@ def run(ctx: Context) -> BenchResult:
     )
     with stack(sim, ctx.workdir / NAME, NAME) as s:
         side = _Downloads(ctx, s, files)
-        if not ctx.quick:
-            ctx.log(f"{NAME}: warm-up round (not counted)")
-            side.rounds(1, "integrity")
+        ctx.log(f"{NAME}: warm-up round of {warm} files (not counted)")
+        side.warm_up(warm)
         ctx.log(f"{NAME}: {rounds} rounds of {files} x {size_mb} MB vs requests + sha256 + fsync + rename")
         fair = side.rounds(rounds, "integrity")
         s.sim.configure(file_rate_limit=THROTTLE)
@@ -223,10 +230,20 @@ class _Downloads:
         self.done = 0
         self.stager = s.worker(queues=["submit", "poll"], concurrency=2, env=ENV)
         self.producer = producer_for(s, ENV)
+        self.control = Celery(broker=s.redis_server.url)
         self.round_no = 0
 
     def close(self) -> None:
         self.producer.close()
+        self.control.close()
+
+    def warm_up(self, files: int) -> None:
+        """One round of ``files`` per side, not counted."""
+        counted, self.files = self.files, files
+        try:
+            self.rounds(1, "integrity")
+        finally:
+            self.files = counted
 
     def rounds(
         self,
@@ -240,16 +257,19 @@ class _Downloads:
         gq_runs: list[dict[str, Any]] = []
         base_runs: list[dict[str, Any]] = []
         for _ in range(rounds):
-            ids, urls = self._stage()
+            with ThreadPoolExecutor(1) as booting:
+                worker = booting.submit(self._boot, app, ablate, pool, threads)
+                ids, urls = self._stage()
+                idle_worker = worker.result()
             # Alternate who goes first, so a drift in the machine's load favours neither side.
             first_gq = self.round_no % 2 == 1
             self.round_no += 1
             if first_gq:
-                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool, threads))
+                gq_runs.append(self._genqueue(ids, urls, idle_worker))
                 base_runs.append(_plain(self.s, urls, baseline, threads))
             else:
                 base_runs.append(_plain(self.s, urls, baseline, threads))
-                gq_runs.append(self._genqueue(ids, urls, app, ablate, pool, threads))
+                gq_runs.append(self._genqueue(ids, urls, idle_worker))
         per_round = [ratio(g["mb_per_s"], b["mb_per_s"]) for g, b in zip(gq_runs, base_runs, strict=True)]
         valid = [x for x in per_round if x is not None]
         return {
@@ -273,23 +293,25 @@ class _Downloads:
         urls = [f"{s.sim.url}/files/{r.upstream_id}/0.mp4?token={s.sim.config.file_token}" for r in recs]
         return ids, urls
 
-    def _genqueue(
-        self, ids: list[str], urls: list[str], app: str, ablate: str, pool: str, threads: int
-    ) -> dict[str, Any]:
-        s = self.s
-        s.sim.reset_stats()
-        worker = s.worker(
-            queues=["download"],
+    def _boot(self, app: str, ablate: str, pool: str, threads: int) -> BenchWorker:
+        return self.s.worker(
+            queues=[f"bench-idle-{self.round_no}"],
             pool=pool,
             concurrency=threads,
             env={**ENV, "BENCH_ABLATE": ablate},
             app=app,
-            start=False,
             extra_args=DOWNLOAD_WORKER_ARGS,
         )
-        started = time.time()
-        worker.start()
+
+    def _genqueue(self, ids: list[str], urls: list[str], worker: BenchWorker) -> dict[str, Any]:
+        s = self.s
+        s.sim.reset_stats()
         idle = process_rss(worker.pid)
+        node = worker.hostname.replace("%h", socket.gethostname())
+        started = time.time()
+        answer = self.control.control.add_consumer("download", destination=[node], reply=True, timeout=10)
+        if not answer:
+            raise RuntimeError(f"download worker {node} did not answer add_consumer")
         target = self.done + self.files
         with RssSampler([worker.pid]) as sampler:
             done = wait_until(
@@ -304,7 +326,7 @@ class _Downloads:
         seconds = (last - first) if last else None
         sha_ok = _check_sha(s, ok[:2])
         peak_rate = s.sim.stats(include_jobs=False)["max_rate_1s"]
-        worker.stop()
+        worker.kill()
         s.processes.remove(worker)
         shutil.rmtree(s.download_dir, ignore_errors=True)
         return {

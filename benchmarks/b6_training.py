@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks import baseline_app
 from benchmarks.context import Context, producer_for
-from benchmarks.harness import Stack, stack, wait_until
+from benchmarks.harness import Stack, stacks, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, ratio
@@ -55,7 +55,7 @@ def run(ctx: Context) -> BenchResult:
     }
     sim = SimConfig(api_key="bench-key", training_duration=training)
     # Side by side: each on its own Redis and simulator, so each one's upstream calls are its own.
-    with stack(sim, ctx.workdir / f"{NAME}-base", "base") as sb, stack(sim, ctx.workdir / NAME, NAME) as s:
+    with stacks((sim, ctx.workdir / f"{NAME}-base", "base"), (sim, ctx.workdir / NAME, NAME)) as (sb, s):
         ctx.log(
             f"{NAME}: baseline (train + a check every {INTERVAL / c:.2f}s with sleep) and genqueue "
             f"(training {training:.1f}s, model policy / {c:g}), side by side"
@@ -189,8 +189,7 @@ def _baseline(s: Stack, c: float, training: float) -> dict[str, Any]:
 
 
 def _genqueue(s: Stack, env: dict[str, str], c: float, training: float) -> dict[str, Any]:
-    s.workers([{"queues": ["training", "poll", "submit"], "concurrency": 2, "env": env}])
-    s.beat(env=env)
+    s.workers([{"queues": ["training", "poll", "submit"], "concurrency": 2, "env": env}], beat_env=env)
     producer = producer_for(s, env)
     producer.train_model("bench-model")
     wait_until(

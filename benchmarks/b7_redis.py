@@ -43,7 +43,7 @@ ENV = {"GENQ_POLL_IMAGE": POLICY}
 
 def run(ctx: Context) -> BenchResult:
     n = ctx.size(100, 500)
-    idle_s = ctx.size(3.0, 10.0)
+    idle_s = ctx.size(2.0, 10.0)
     sample = ctx.size(30, 100)
     result = BenchResult(NAME, "The ceiling of one Redis: CPU and commands per job")
     result.size = {
@@ -57,12 +57,12 @@ def run(ctx: Context) -> BenchResult:
     with stack(sim, ctx.workdir / NAME, NAME) as s:
         lua = lua_counted(s.redis)
         ctx.log(f"{NAME}: commands inside Lua counted in commandstats: {lua}")
-        worker = s.worker(concurrency=CONCURRENCY, env=ENV)
-        beat = s.beat(env=ENV)
+        (worker,) = s.workers([{"concurrency": CONCURRENCY, "env": ENV}], beat_env=ENV)
+        beat = s.processes[-1]
         producer = producer_for(s, ENV)
         producer.submit_image("warm-up", num_images=1)  # imports, connections, scripts loaded
         wait_terminal(ctx, s.redis, 1, timeout=60)
-        time.sleep(1.0)
+        time.sleep(ctx.size(0.5, 1.0))  # the warm-up job's last writes and events settle
         procs = Procs(s, [worker.pid, beat.pid])
         ctx.log(f"{NAME}: idle window {idle_s:.0f}s")
         idle = Snapshot.take(s.redis, procs).until(Snapshot.take(s.redis, procs, after=idle_s))

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,6 +145,10 @@ class BenchWorker(WorkerProcess):
         untrack(self)
         super().stop(timeout)
 
+    def kill(self) -> None:
+        untrack(self)
+        super().kill()
+
 
 class BenchBeat(BeatProcess):
     def __init__(self, env: Mapping[str, str], *, log_path: Path) -> None:
@@ -157,6 +162,10 @@ class BenchBeat(BeatProcess):
     def stop(self, timeout: float = 30.0) -> None:
         untrack(self)
         super().stop(timeout)
+
+    def kill(self) -> None:
+        untrack(self)
+        super().kill()
 
 
 class TrackedRedis(EmbeddedRedis):
@@ -184,8 +193,15 @@ class Stack:
         self.workdir = workdir
         self.name = name
         workdir.mkdir(parents=True, exist_ok=True)
-        self.redis_server = TrackedRedis(data_dir=workdir / "redis", appendfsync="everysec").start()
-        self.sim = start_bench_simulator(sim_config)
+        # Both take a moment to boot and need nothing of each other. One that fails leaves the other
+        # tracked, so stop_all still ends it.
+        with ThreadPoolExecutor(2) as pool:
+            redis_started = pool.submit(
+                TrackedRedis(data_dir=workdir / "redis", appendfsync="everysec").start
+            )
+            sim_started = pool.submit(start_bench_simulator, sim_config)
+            self.redis_server = redis_started.result()
+            self.sim = sim_started.result()
         self.redis = redis.Redis.from_url(self.redis_server.url, socket_timeout=60)
         self.processes: list[WorkerProcess] = []
         self._started = 0
@@ -238,12 +254,17 @@ class Stack:
         self.processes.append(worker)
         return worker.start() if start else worker
 
-    def workers(self, specs: Sequence[dict[str, Any]]) -> list[BenchWorker]:
-        """Start several workers at once (each takes seconds to boot)."""
-        made = [self.worker(start=False, **spec) for spec in specs]
+    def workers(
+        self, specs: Sequence[dict[str, Any]], beat_env: Mapping[str, str] | None = None
+    ) -> list[BenchWorker]:
+        """Start several workers at once, and beat with them if ``beat_env`` is given (each takes
+        seconds to boot; one after the other, a benchmark waits for the sum)."""
+        made: list[WorkerProcess] = [self.worker(start=False, **spec) for spec in specs]
+        if beat_env is not None:
+            made.append(self.beat(env=beat_env, start=False))
         errors: list[BaseException] = []
 
-        def boot(w: BenchWorker) -> None:
+        def boot(w: WorkerProcess) -> None:
             try:
                 w.start()
             except BaseException as exc:
@@ -256,19 +277,26 @@ class Stack:
             t.join()
         if errors:
             raise errors[0]
-        return made
+        return [w for w in made if isinstance(w, BenchWorker)]
 
-    def beat(self, env: Mapping[str, str] | None = None) -> BenchBeat:
+    def beat(self, env: Mapping[str, str] | None = None, start: bool = True) -> BenchBeat:
         beat = BenchBeat(self.process_env(**(env or {})), log_path=self.workdir / f"beat-{self._next()}.log")
         self.processes.append(beat)
-        return beat.start()
+        return beat.start() if start else beat
 
-    def stop_processes(self) -> None:
-        """Stop every Celery process of this stack, all at once (each warm shutdown takes a moment)."""
+    def stop_processes(self, graceful: bool = False) -> None:
+        """End every Celery process of this stack, all at once.
+
+        Killed unless ``graceful``: by then the run's figures are read, and a warm shutdown measures
+        nothing but costs a second or more per process on a loaded machine. ``graceful`` is for
+        processes that write something on their way out (cProfile dumps)."""
 
         def stop(proc: WorkerProcess) -> None:
             with contextlib.suppress(Exception):
-                proc.stop(timeout=15)
+                if graceful:
+                    proc.stop(timeout=15)
+                else:
+                    proc.kill()
 
         threads = [threading.Thread(target=stop, args=(p,)) for p in self.processes]
         for t in threads:
@@ -300,6 +328,21 @@ def stack(sim_config: SimConfig, workdir: Path, name: str) -> Iterator[Stack]:
         yield s
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def stacks(*specs: tuple[SimConfig, Path, str]) -> Iterator[list[Stack]]:
+    """Several stacks (one per side of a benchmark), booted at once."""
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(Stack, *spec) for spec in specs]
+    made: list[Stack] = []
+    try:
+        for f in futures:
+            made.append(f.result())
+        yield made
+    finally:
+        for one in made:
+            one.close()
 
 
 # ------------------------------------------------------------------ measuring

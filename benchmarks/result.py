@@ -150,6 +150,13 @@ def table(results: list[BenchResult]) -> str:
     return "\n".join([*out, "", *verdicts])
 
 
+def timings(results: list[BenchResult]) -> str:
+    """Wall time per benchmark, set-up and tear-down included: where a run's minutes went."""
+    total = sum(r.seconds for r in results)
+    parts = ", ".join(f"{r.name} {r.seconds:.0f}s" for r in results)
+    return f"wall time per benchmark: {parts} (sum {total:.0f}s)"
+
+
 def chart(results: list[BenchResult], path: Path, title: str) -> Path | None:
     """A PNG: throughput pairs on the left, latency pairs on the right (genqueue beside its baseline).
 

@@ -62,3 +62,47 @@ def test_command_counts_per_job() -> None:
     assert s["round_trips_per_job"] == 10
     assert s["all_per_job"] == 30
     assert s["sent_by_command_per_job"]["EVALSHA"] == 6
+
+
+class _Proc:
+    def __init__(self) -> None:
+        self.ended_by: str | None = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.ended_by = "stop"
+
+    def kill(self) -> None:
+        self.ended_by = "kill"
+
+
+def test_a_stack_kills_its_processes_unless_asked_for_a_warm_shutdown() -> None:
+    from benchmarks.harness import Stack
+
+    s = Stack.__new__(Stack)
+    killed, stopped = [_Proc(), _Proc()], [_Proc()]
+    s.processes = list(killed)  # type: ignore[arg-type]
+    s.stop_processes()
+    assert [p.ended_by for p in killed] == ["kill", "kill"] and s.processes == []
+    s.processes = list(stopped)  # type: ignore[arg-type]
+    s.stop_processes(graceful=True)
+    assert stopped[0].ended_by == "stop"
+
+
+def test_a_run_reports_each_benchmarks_wall_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import benchmarks.__main__ as entry
+    from benchmarks.result import BenchResult
+
+    def fake(name: str):  # type: ignore[no-untyped-def]
+        return lambda ctx: BenchResult(name, name)
+
+    monkeypatch.setattr(entry.harness, "install_cleanup", lambda: None)  # pytest keeps its signals
+    monkeypatch.setattr(entry, "registry", lambda: {"simulator": fake("simulator"), "slots": fake("slots")})
+    out = tmp_path / "run.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    meta = json.loads(out.read_text())["_meta"]
+    assert set(meta["seconds_by_benchmark"]) == {"simulator", "slots"}
+    assert "wall time per benchmark: simulator" in capsys.readouterr().out

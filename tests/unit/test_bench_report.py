@@ -6,7 +6,17 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.result import BenchResult, ChartItem, Row, chart, clean, document, table, write_json
+from benchmarks.result import (
+    BenchResult,
+    ChartItem,
+    Row,
+    chart,
+    clean,
+    document,
+    table,
+    timings,
+    write_json,
+)
 from benchmarks.stats import Goal
 
 
@@ -66,3 +76,10 @@ def test_table_lists_every_row_and_every_verdict() -> None:
 def test_chart_is_written_or_skipped_without_matplotlib(tmp_path: Path) -> None:
     path = chart([_result(80.0)], tmp_path / "c.png", "t")
     assert path is None or (path.exists() and path.stat().st_size > 0)
+
+
+def test_timings_name_each_benchmark_and_the_sum() -> None:
+    a, b = _result(80.0), BenchResult("capacity", "Capacity")
+    a.seconds, b.seconds = 12.4, 30.0
+    line = timings([a, b])
+    assert "slots 12s" in line and "capacity 30s" in line and "sum 42s" in line

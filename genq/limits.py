@@ -394,6 +394,11 @@ MAX_GRANTS = 200
 """Most grants per tick run, so one script never runs long; a full run schedules the next at once."""
 
 
+def _opening_keys(family: str) -> list[str]:
+    """KEYS[1..3] of every limiter script: the 429 closure, the family's window and the total one."""
+    return [keys.LIMIT_BLOCKED, keys.limit_window(family), keys.limit_window("*")]
+
+
 def _script(*parts: str) -> str:
     return "".join(parts).replace("@RECENT@", str(RECENT)).replace("@TICK_TTL_MS@", str(TICK_TTL_MS))
 
@@ -526,9 +531,7 @@ class UpstreamLimiter:
         admit = keys.admit_prefix(family)
         ok, wait, *queued = self._acquire(
             keys=[
-                keys.LIMIT_BLOCKED,
-                keys.limit_window(family),
-                keys.limit_window("*"),
+                *_opening_keys(family),
                 keys.LIMIT_SEMAPHORE,
                 keys.limit_lane_window(family),
                 keys.limit_batch_waiting(family),
@@ -569,9 +572,7 @@ class UpstreamLimiter:
         token = uuid.uuid4().hex
         started = self._park(
             keys=[
-                keys.LIMIT_BLOCKED,
-                keys.limit_window(family),
-                keys.limit_window("*"),
+                *_opening_keys(family),
                 f"{admit}:state",
                 f"{admit}:tick",
                 f"{admit}:p:{lane}",
@@ -588,9 +589,7 @@ class UpstreamLimiter:
         following = uuid.uuid4().hex
         out = self._tick(
             keys=[
-                keys.LIMIT_BLOCKED,
-                keys.limit_window(family),
-                keys.limit_window("*"),
+                *_opening_keys(family),
                 keys.LIMIT_SEMAPHORE,
                 keys.limit_lane_window(family),
                 f"{admit}:state",

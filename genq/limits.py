@@ -269,7 +269,8 @@ _TICK = """
 --       state, tick, grants, interactive producers, batch producers, grants by when they run out
 -- ARGV: family rate, total rate, window slack, max concurrent, batch share, tick token, producer
 --       queue key prefix, weights (JSON object), weight of producers not in it, job record key
---       prefix, seconds a grant holds, most grants per run, the next tick's token
+--       prefix, seconds a grant holds, most grants per run, the next tick's token, the share of a
+--       window granted per run
 -- One admission tick: gives the queued submits the room the windows have now, interactive before
 -- batch (batch keeping its share, leaving the interactive headroom), producers within a lane by
 -- start-time fair queueing on their weights, then schedules itself for when a slot next frees, under
@@ -301,7 +302,16 @@ local inter = g and redis.call('ZCOUNT', KEYS[5], now - windows[g], '+inf') or 0
 local out = {1}
 local grants = 0
 local keep = g and headroom(KEYS[5], counts[g], windows[g], share) or 0
-while free > 0 and grants < tonumber(ARGV[12]) do
+-- Turns go out a share of the window at a time, at the rate (ARGV[14]): a whole window granted at
+-- once reaches the upstream as one burst, and jitter in delivery could then put two windows' bursts
+-- in one second there.
+-- A run that comes late (its worker was busy) may grant up to twice its share, so the pace keeps up.
+local most = g and math.max(1, math.ceil(counts[g] * tonumber(ARGV[14]))) or 1
+local last = tonumber(redis.call('HGET', KEYS[6], 'tick_at') or '0')
+if g then most = math.max(most, math.min(2 * most, math.floor((now - last) * counts[g] / windows[g]))) end
+most = math.min(most, tonumber(ARGV[12]))
+redis.call('HSET', KEYS[6], 'tick_at', tostring(now))
+while free > 0 and grants < most do
   local iq = redis.call('EXISTS', KEYS[9]) == 1
   local bq = redis.call('EXISTS', KEYS[10]) == 1
   -- Batch under its share goes first; then interactive; then batch within the headroom.
@@ -357,9 +367,11 @@ if redis.call('EXISTS', KEYS[9]) == 0 and redis.call('EXISTS', KEYS[10]) == 0 th
 end
 -- Next when room comes: a full window's oldest call ages out (a window held back by the headroom or
 -- the batch share grows room the same way), a lease of the concurrency cap may have ended, or the
--- upstream reopens; at once when this run stopped at its most grants.
+-- upstream reopens; when this run gave its most grants, once they have passed at the rate.
 local wake = now
-if grants < tonumber(ARGV[12]) and g then
+if grants >= most and g then
+  wake = now + windows[g] * grants / counts[g]  -- the next share, at the rate
+elseif g then
   local full = false
   for i = 1, 2 do
     if counts[i] and (redis.call('ZCARD', KEYS[i + 1]) >= counts[i] or (i == g and free > 0)) then
@@ -391,7 +403,7 @@ GRANT_SECONDS = 60.0
 """How long a submit's granted turn waits for its message (sent at once, ahead of batch work)."""
 
 MAX_GRANTS = 200
-"""Most grants per tick run, so one script never runs long; a full run schedules the next at once."""
+"""Most grants per tick run, whatever the rate, so one script never runs long."""
 
 
 def _opening_keys(family: str) -> list[str]:
@@ -437,6 +449,9 @@ class Limits:
     other_weight: float = 1.0
     fair_horizon: float = 15.0
     """Seconds a producer turned away counts as waiting for its share (at least two windows)."""
+    tick_share: float = 0.1
+    """Share of a window the admission tick grants per run (at least one turn): turns go out paced at
+    the rate, not a window at a time."""
 
 
 def admission_queued(client: redis.Redis, family: str = "trigger") -> dict[tuple[str, str], int]:
@@ -611,6 +626,7 @@ class UpstreamLimiter:
                 GRANT_SECONDS,
                 MAX_GRANTS,
                 following,
+                self.limits.tick_share,
             ],
         )
         delay = float(as_text(out[0]))

@@ -5,6 +5,7 @@ sequence here runs inside one; a test frees the window by deleting it, as if its
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from genq import keys
@@ -16,6 +17,9 @@ SLOW = 60.0  # a 10/s rate's window becomes 60 s
 
 
 def _limiter(server: EmbeddedRedis, **limits: object) -> UpstreamLimiter:
+    """A limiter whose tick grants a whole window per run (``tick_share=1``), so that one run shows
+    the order of the turns; pacing has its own test."""
+    limits.setdefault("tick_share", 1.0)
     return UpstreamLimiter(redis.Redis.from_url(server.url), Limits(**limits))  # type: ignore[arg-type]
 
 
@@ -216,3 +220,20 @@ def test_the_queue_is_exported_by_lane_and_producer(redis_server: EmbeddedRedis)
     families = {m.name: m for m in Collector(limiter.redis, None).collect()}
     samples = {tuple(s.labels.values()): s.value for s in families["genq_admission_queued"].samples}
     assert samples == {("interactive", "web"): 1, ("batch", "nightly"): 3}
+
+
+def test_turns_go_out_paced_at_the_rate_not_a_window_at_a_time(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 20}, window_slack=SLOW, tick_share=0.1)
+    _fill(limiter, 20)
+    token = None
+    for i in range(10):
+        token = _queue(limiter, f"job-{i}") or token
+    assert token is not None
+    _free_window(limiter)
+    tick = limiter.tick("trigger", token)
+    # A tenth of the 20-call window per run (two turns), up to twice that for a run that comes late
+    # (this first one, after a long gap), and the next run once those have passed at the rate.
+    assert [g.job_id for g in tick.grants] == ["job-0", "job-1", "job-2", "job-3"]
+    window = 20 / 20 * SLOW
+    assert tick.next_in == pytest.approx(window * 4 / 20, rel=0.01)
+    assert [g.job_id for g in limiter.tick("trigger", tick.token).grants] == ["job-4", "job-5"]

@@ -302,15 +302,16 @@ local inter = g and redis.call('ZCOUNT', KEYS[5], now - windows[g], '+inf') or 0
 local out = {1}
 local grants = 0
 local keep = g and headroom(KEYS[5], counts[g], windows[g], share) or 0
--- Turns go out a share of the window at a time, at the rate (ARGV[14]): a whole window granted at
--- once reaches the upstream as one burst, and jitter in delivery could then put two windows' bursts
--- in one second there.
--- A run that comes late (its worker was busy) may grant up to twice its share, so the pace keeps up.
-local most = g and math.max(1, math.ceil(counts[g] * tonumber(ARGV[14]))) or 1
+-- Turns go out paced at the rate, a share of the window at a time (ARGV[14]): a whole window granted
+-- at once reaches the upstream as one burst, and jitter in delivery could then put two windows'
+-- bursts in one second there. The pace is a bucket of credit filling at the rate and holding two
+-- shares, so a run that comes late (its worker was busy) catches up and the long-run rate is kept.
+local share_n = g and math.max(1, math.ceil(counts[g] * tonumber(ARGV[14]))) or 1
+local pace = g and counts[g] / windows[g] or 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'tick_at') or '0')
-if g then most = math.max(most, math.min(2 * most, math.floor((now - last) * counts[g] / windows[g]))) end
-most = math.min(most, tonumber(ARGV[12]))
-redis.call('HSET', KEYS[6], 'tick_at', tostring(now))
+local credit = tonumber(redis.call('HGET', KEYS[6], 'credit') or tostring(2 * share_n))
+credit = math.min(2 * share_n, credit + math.max(0, now - last) * pace)
+local most = math.min(math.floor(credit), tonumber(ARGV[12]))
 while free > 0 and grants < most do
   local iq = redis.call('EXISTS', KEYS[9]) == 1
   local bq = redis.call('EXISTS', KEYS[10]) == 1
@@ -367,10 +368,12 @@ if redis.call('EXISTS', KEYS[9]) == 0 and redis.call('EXISTS', KEYS[10]) == 0 th
 end
 -- Next when room comes: a full window's oldest call ages out (a window held back by the headroom or
 -- the batch share grows room the same way), a lease of the concurrency cap may have ended, or the
--- upstream reopens; when this run gave its most grants, once they have passed at the rate.
+-- upstream reopens; when the pace held this run back, once the next share's credit is there.
+credit = credit - grants
+redis.call('HSET', KEYS[6], 'tick_at', tostring(now), 'credit', tostring(credit))
 local wake = now
 if grants >= most and g then
-  wake = now + windows[g] * grants / counts[g]  -- the next share, at the rate
+  wake = now + math.max(0, share_n - credit) / pace  -- when the next share's credit is there
 elseif g then
   local full = false
   for i = 1, 2 do

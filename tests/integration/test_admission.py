@@ -231,9 +231,13 @@ def test_turns_go_out_paced_at_the_rate_not_a_window_at_a_time(redis_server: Emb
     assert token is not None
     _free_window(limiter)
     tick = limiter.tick("trigger", token)
-    # A tenth of the 20-call window per run (two turns), up to twice that for a run that comes late
-    # (this first one, after a long gap), and the next run once those have passed at the rate.
+    # Credit for two shares of a tenth of the 20-call window (four turns) after a long quiet spell,
+    # then a share's worth at the rate: the next run when two more turns have come due.
     assert [g.job_id for g in tick.grants] == ["job-0", "job-1", "job-2", "job-3"]
-    window = 20 / 20 * SLOW
-    assert tick.next_in == pytest.approx(window * 4 / 20, rel=0.01)
-    assert [g.job_id for g in limiter.tick("trigger", tick.token).grants] == ["job-4", "job-5"]
+    step = 20 / 20 * SLOW / 20  # seconds per turn at the rate
+    assert tick.next_in == pytest.approx(2 * step, rel=0.01)
+    early = limiter.tick("trigger", tick.token)
+    assert early.grants == [] and early.next_in is not None  # no credit yet: nothing, however much room
+    state = f"{keys.admit_prefix('trigger')}:state"
+    limiter.redis.hincrbyfloat(state, "tick_at", -3 * step)  # as if three turns' time had passed
+    assert [g.job_id for g in limiter.tick("trigger", early.token).grants] == ["job-4", "job-5", "job-6"]

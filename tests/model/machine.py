@@ -428,6 +428,12 @@ class GenqMachine(RuleBasedStateMachine):
             self.swept_expired.discard(made)
             self.terminal_seen.pop(made, None)
             self.epoch[made] += 1  # I2: its POST is paid anew, not a second one of the old job
+            # A submit message of the old job still undelivered now drives the new one too (same id
+            # and generation): a leftover of the by-name id, not a chain genqueue added. I3 counts it
+            # as a copy; it costs nothing (the first delivery claims the POST, the other finds it made).
+            self.injected[made] += sum(
+                1 for m in self.msgs if isinstance(m.action, SubmitLater) and m.action.job_id == made
+            )
         self._enqueue([SubmitLater(j, 0.0) for j in ready])
         self._refresh_known()
         return made

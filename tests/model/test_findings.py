@@ -226,6 +226,20 @@ def test_a_queued_submit_is_not_sent_again_and_a_lost_one_is(m: GenqMachine) -> 
     finish(m)
 
 
+def test_a_leftover_submit_of_a_reborn_by_name_id_is_not_a_second_chain(m: GenqMachine) -> None:
+    """Not a finding: a false alarm of the model's I3, caught by CI's run (seed 4086509174; the queue's
+    real clock keeps seeds from replaying exactly). A by-name job cancelled before its submit came,
+    forgotten (record and intake key expired), then asked for again: the new job has the same id and
+    generation, so the old job's undelivered submit drives it too. Harmless (one POST: the first
+    delivery claims it, the other finds it made), and not a chain genqueue added."""
+    m.submit("image", 1, False, False, True, None)
+    m.cancel(0)
+    m.tick(4000.0)
+    m.resend(0)
+    check(m)
+    finish(m)
+
+
 # ------------------------------------------------------------------ the admission queue
 
 queue_on = pytest.mark.skipif(not ADMISSION, reason="GENQ_MODEL_OFF=admission")

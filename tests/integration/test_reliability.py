@@ -355,7 +355,10 @@ def test_producer_gets_an_explicit_error_while_redis_is_down(stack: Stack) -> No
 
 
 def test_upstream_5xx_is_retried_with_backoff_and_jobs_still_succeed(stack: Stack) -> None:
-    worker = stack.worker()
+    # Error waits from 0.5 s (0.5, 1, 2, 4 s): the upstream recovers seconds before the fifth refused
+    # submit would end the job, however slowly this test sees the third (0.2 s gave it 2.4 s, and a
+    # loaded run missed it once).
+    worker = stack.worker(GENQ_POLL_ERROR_BACKOFF="0.5")
     producer = stack.producer()
     # Submits under a 100 % 5xx rate: retried with growing waits, then the upstream recovers.
     stack.sim.configure(error_5xx_rate=1.0)

@@ -6,7 +6,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from genq import schedule
@@ -49,11 +49,18 @@ def test_every_duration_falls_in_the_bin_that_holds_it(d: float) -> None:
     st.floats(min_value=0.0, max_value=5000, allow_nan=False),
     st.floats(min_value=0.0, max_value=500, allow_nan=False),
 )
+@example(1.0, 100.16015625)  # found by CI: hi a hair past a bin's edge
 def test_spread_weights_sum_to_one_inside_the_interval(lo: float, width: float) -> None:
     hi = lo + width
     w = spread(lo, hi)
     assert sum(w.values()) == pytest.approx(1.0, abs=0.01)
-    assert min(w) >= bin_of(lo) - (1 if lo > 0 else 0) and max(w) == bin_of(hi)
+    top = bin_of(hi)
+    assert min(w) >= bin_of(lo) - (1 if lo > 0 else 0) and max(w) <= top
+    if max(w) < top:
+        # hi just past the top bin's edge: its sliver of the mass rounds to 0 at four decimals.
+        edge = schedule.EDGES[top]
+        sliver = (hi * hi - edge * edge) / (hi * hi) if lo == 0 else (hi - edge) / (hi - lo)
+        assert max(w) == top - 1 and sliver < 0.00005, (max(w), top, sliver)
 
 
 def test_found_at_first_check_spreads_as_a_ramp_and_later_intervals_uniformly() -> None:

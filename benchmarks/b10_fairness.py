@@ -17,7 +17,7 @@ import threading
 import time
 
 from benchmarks.context import Context, records, settings_for
-from benchmarks.harness import Stack, stacks
+from benchmarks.harness import Stack, in_parallel, stacks
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.stats import Goal, ratio
 from genq.producer import Producer
@@ -50,7 +50,6 @@ def run(ctx: Context) -> BenchResult:
         api_key="bench-key", images_per_job=1, image_size=16, duration=Duration(kind="fixed", value=0.5)
     )
     runs: dict[bool, dict] = {}  # type: ignore[type-arg]
-    errors: list[BaseException] = []
     ctx.log(
         f"{NAME}: fair shares on and off side by side: {flood_jobs} flood + {shop_jobs} shop"
         + (f", at most {window:g}s after shop submits" if window else "")
@@ -67,18 +66,9 @@ def run(ctx: Context) -> BenchResult:
                 "GENQ_POLL_ADAPTIVE": "false",
                 "GENQ_BUDGETS_FAIR_SHARES": "true" if fair else "false",
             }
-            try:
-                runs[fair] = _run(s, env, flood_jobs, shop_jobs, lead, window)
-            except BaseException as exc:
-                errors.append(exc)
+            runs[fair] = _run(s, env, flood_jobs, shop_jobs, lead, window)
 
-        threads = [threading.Thread(target=side, args=a) for a in ((True, sf), (False, sb))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        in_parallel(lambda: side(True, sf), lambda: side(False, sb))
 
     fair, fifo = runs[True], runs[False]
     # Shortfall from its share (more than its share is the flood's backlog giving way, not a loss).

@@ -31,6 +31,14 @@ from genq.simulator import SimConfig, SimulatorProcess
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def in_parallel(*calls: Callable[[], object]) -> list[object]:
+    """Run ``calls`` at once, each in a thread; their results in order, or the first one's error
+    once all are done."""
+    with ThreadPoolExecutor(max(1, len(calls))) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 class Stoppable(Protocol):
     def stop(self) -> Any: ...
 
@@ -262,21 +270,7 @@ class Stack:
         made: list[WorkerProcess] = [self.worker(start=False, **spec) for spec in specs]
         if beat_env is not None:
             made.append(self.beat(env=beat_env, start=False))
-        errors: list[BaseException] = []
-
-        def boot(w: WorkerProcess) -> None:
-            try:
-                w.start()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=boot, args=(w,)) for w in made]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        in_parallel(*(w.start for w in made))
         return [w for w in made if isinstance(w, BenchWorker)]
 
     def beat(self, env: Mapping[str, str] | None = None, start: bool = True) -> BenchBeat:
@@ -298,11 +292,7 @@ class Stack:
                 else:
                     proc.kill()
 
-        threads = [threading.Thread(target=stop, args=(p,)) for p in self.processes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_parallel(*(lambda p=p: stop(p) for p in self.processes))
         self.processes.clear()
 
     def reset(self) -> None:

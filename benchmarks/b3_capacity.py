@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks import baseline_app
 from benchmarks.context import Context, settings_for
-from benchmarks.harness import BenchWorker, Stack, settle_memory, stacks, tree_rss, wait_until
+from benchmarks.harness import DEFAULT_POOLS, BenchWorker, Stack, settle_memory, stacks, tree_rss, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, per_item, ratio, summary
@@ -52,12 +52,6 @@ POLICY = json.dumps(
     {"first_delay": 300, "interval": 300, "backoff": 1, "max_interval": 300, "jitter": 0.05, "deadline": 7200}
 )
 ENV = {"GENQ_POLL_IMAGE": POLICY}
-DEFAULT_POOLS = [  # README "Running workers" and docker-compose: one worker per pool
-    {"queues": ["submit"], "concurrency": 2, "pool": "prefork"},
-    {"queues": ["poll"], "concurrency": 4, "pool": "prefork"},
-    {"queues": ["download"], "concurrency": 8, "pool": "threads"},
-    {"queues": ["training"], "concurrency": 1, "pool": "prefork"},
-]
 
 
 def run(ctx: Context) -> BenchResult:

@@ -2,7 +2,7 @@
 
 A producer ``backfill`` (lane ``batch``) queues a backlog of image jobs; a producer ``web`` (lane
 ``interactive``) submits one job at a time. Both share one trigger rate (``GENQ_LIMITS_TRIGGER_RATE``),
-4 prefork slots and beat. Measured:
+the default pools (a worker per stage, as in docker-compose and the README) and beat. Measured:
 
 - an interactive job's time from submit to its POST (``submitted_at - created_at``, the ledger's clock)
   on the idle system (the baseline), then with the backlog queued: the ratio of medians (goal <= 2x);
@@ -16,15 +16,15 @@ import json
 import time
 
 from benchmarks.context import Context, settings_for
-from benchmarks.harness import stack
+from benchmarks.harness import DEFAULT_POOLS, stack
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.stats import Goal, ratio, summary
+from genq.celeryconf import QUEUES
 from genq.producer import Producer
 from genq.simulator import Duration, SimConfig
 
 NAME = "lanes"
 RATE = 20.0
-SLOTS = 4
 POLL = '{"first_delay": 0.5, "interval": 0.5, "backoff": 1, "max_interval": 0.5, "deadline": 600}'
 POSTS = "POST /images/generation"
 
@@ -49,12 +49,13 @@ def run(ctx: Context) -> BenchResult:
         "window_s": window,
         "windows_before_after_s": quiet,
         "trigger_rate": RATE,
+        "pools": DEFAULT_POOLS,
     }
     sim = SimConfig(
         api_key="bench-key", images_per_job=1, image_size=16, duration=Duration(kind="fixed", value=0.5)
     )
     with stack(sim, ctx.workdir / NAME, NAME) as s:
-        s.workers([{"concurrency": SLOTS, "env": env}], beat_env=env)
+        s.workers([{**spec, "env": env} for spec in DEFAULT_POOLS], beat_env=env)
         web = Producer(settings_for(s, env), producer_id="web")
         backfill = Producer(settings_for(s, env), producer_id="backfill")
         ctx.log(f"{NAME}: {probes} interactive jobs on the idle system")
@@ -64,7 +65,9 @@ def run(ctx: Context) -> BenchResult:
         for i in range(backlog):
             backfill.submit_image(f"backfill {i}", num_images=1)
         ctx.log(f"{NAME}: queued in {time.monotonic() - t0:.1f}s; measuring")
+        backlog_left = {"before_window": _waiting(s)}
         before = _batch_rate(s, quiet)
+        backlog_left["during_window"] = _waiting(s)
         loaded, posts_during = [], _posts(s)
         started = time.monotonic()
         while time.monotonic() - started < window:
@@ -84,6 +87,7 @@ def run(ctx: Context) -> BenchResult:
         "batch_posts_per_s_with_interactive": during,
         "batch_posts_per_s_before": before,
         "batch_posts_per_s_after": after,
+        "messages_waiting_in_the_broker": backlog_left,
     }
     result.baseline = {"interactive_submit_to_post_idle": idle_s}
     result.ratios = {"latency_p50_loaded_over_idle": latency_ratio, "batch_throughput_loss": loss}
@@ -111,6 +115,14 @@ def run(ctx: Context) -> BenchResult:
 
 def _posts(s) -> int:  # type: ignore[no-untyped-def]
     return int(s.sim.stats(include_jobs=False)["requests"].get(POSTS, 0))
+
+
+def _waiting(s) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Messages waiting in each stage's broker lists (kombu keeps a list per priority step)."""
+    return {
+        queue: sum(int(s.redis.llen(queue if p == 0 else f"{queue}\x06\x16{p}")) for p in (0, 3, 6, 9))
+        for queue in QUEUES
+    }
 
 
 def _batch_rate(s, seconds: float) -> float:  # type: ignore[no-untyped-def]

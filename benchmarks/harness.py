@@ -30,6 +30,13 @@ from genq.simulator import SimConfig, SimulatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
+DEFAULT_POOLS: list[dict[str, Any]] = [  # README "Running workers" and docker-compose: a worker a pool
+    {"queues": ["submit"], "concurrency": 2, "pool": "prefork"},
+    {"queues": ["poll"], "concurrency": 4, "pool": "prefork"},
+    {"queues": ["download"], "concurrency": 8, "pool": "threads"},
+    {"queues": ["training"], "concurrency": 1, "pool": "prefork"},
+]
+
 
 def in_parallel(*calls: Callable[[], object]) -> list[object]:
     """Run ``calls`` at once, each in a thread; their results in order, or the first one's error

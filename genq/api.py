@@ -81,18 +81,15 @@ class UpstreamClient:
     def __repr__(self) -> str:
         return f"UpstreamClient({self.base_url!r})"
 
-    def trigger(
-        self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "", caller: str = ""
-    ) -> UpstreamJob:
-        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all). ``lane``,
-        ``producer`` and ``caller`` (the job id) are for the shared limiter's shares and turns."""
+    def trigger(self, kind: JobKind, body: dict[str, Any], lane: str = "", caller: str = "") -> UpstreamJob:
+        """Start a job; the paid call. Returns the upstream job (its ``job_id`` above all). ``lane``
+        and ``caller`` (the job id) are for the shared limiter's lane shares and turns."""
         answer = self._request(
             "POST",
             TRIGGER_PATHS[kind],
             "trigger",
             json=body,
             lane=lane,
-            producer=producer,
             caller=caller,
             queue=bool(caller),
         )
@@ -124,14 +121,13 @@ class UpstreamClient:
         json: Any = None,
         text_ok: bool = False,
         lane: str = "",
-        producer: str = "",
         caller: str = "",
         queue: bool = False,
     ) -> Any:
         what = f"{method} {path}"
         permit = None
         if self.limiter is not None:
-            permit, wait, queued = self.limiter.admit(family, lane, producer, caller, queue)
+            permit, wait, queued = self.limiter.admit(family, lane, caller, queue)
             if permit is None:
                 raise Throttled(f"{what}: held back by the shared rate limit", wait, queued)
         limit = wallclock.Limit(sum(self.timeout))

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from genq.callbacks import check_callback
 from genq.errors import InvalidRequest
 from genq.ledger import Ledger
+from genq.limits import UpstreamLimiter
 from genq.schemas import (
     DEFAULT_PRODUCER,
     REQUEST_ADAPTER,
@@ -27,7 +28,8 @@ from genq.schemas import (
 )
 from genq.settings import BudgetSettings, Settings
 
-AnyRequest = ImageRequest | UpscaleRequest | VideoRequest | WorkflowRequest
+JobRequest = ImageRequest | UpscaleRequest | VideoRequest
+AnyRequest = JobRequest | WorkflowRequest
 _NAMESPACE = uuid.UUID("6f1c9a52-3b7e-4d0a-9c55-2f8e4b1d7a10")
 
 
@@ -39,6 +41,32 @@ class Accepted:
     created: bool
     state: JobState | None
     to_submit: list[str] = field(default_factory=list)
+    queued: bool = False
+    """The job waits in the admission queue for its turn (see :class:`TurnQueue`): no submit to send."""
+    tick: str | None = None
+    """A new admission tick's token, to send as its first message: the job was queued for its turn
+    (see :class:`TurnQueue`) and no tick was scheduled."""
+
+
+@dataclass(frozen=True)
+class TurnQueue:
+    """Queues a new job for its turn at the rate limit, with no message, when submits of its lane (or
+    a higher one) are already waiting theirs. A backlog of thousands then waits in Redis: not in the
+    broker, where each message would cost a worker step only to be queued, ahead of interactive work."""
+
+    limiter: UpstreamLimiter
+    fair_shares: bool = True
+
+    def turn_in(self, request: JobRequest) -> float | None:
+        """About how long until its turn, when it is to queue; None when it is to be sent."""
+        if request.model_id is not None:  # it may wait for its model first
+            return None
+        return self.limiter.waiting_ahead("trigger", (request.lane or Lane.INTERACTIVE).value)
+
+    def park(self, job_id: str, request: JobRequest) -> str | None:
+        producer = (request.producer if self.fair_shares else None) or DEFAULT_PRODUCER
+        lane = (request.lane or Lane.INTERACTIVE).value
+        return self.limiter.park("trigger", job_id, 0, lane, producer)
 
 
 def validate(data: Mapping[str, Any]) -> AnyRequest:
@@ -85,12 +113,15 @@ def accept(
     job_id: str | None = None,
     idempotency_key: str | None = None,
     parent_id: str | None = None,
+    turns: TurnQueue | None = None,
 ) -> Accepted:
     """Write the job (or workflow and its first step) to the ledger. Sends nothing. A request not yet
-    :func:`routed` gets the defaults (producer ``default``, lane ``interactive``)."""
+    :func:`routed` gets the defaults (producer ``default``, lane ``interactive``). With ``turns``, a
+    job whose lane has submits waiting at the rate limit is queued behind them instead of submitted."""
     job_id = job_id or uuid.uuid4().hex
     if isinstance(request, WorkflowRequest):
         return _accept_workflow(ledger, request, job_id, idempotency_key)
+    turn_in = turns.turn_in(request) if turns is not None else None
     created = ledger.create(
         job_id,
         JobKind(request.kind),
@@ -101,7 +132,10 @@ def accept(
         parent_id=parent_id,
         callback=request.callback.model_dump() if request.callback else None,
         routing=_routing(request),
+        turn_in=turn_in,
     )
+    if turns is not None and turn_in is not None and created.created and created.state is JobState.PENDING:
+        return Accepted(created.id, True, created.state, queued=True, tick=turns.park(created.id, request))
     ready = [created.id] if created.state is JobState.PENDING else []
     return Accepted(created.id, created.created, created.state, ready)
 
@@ -148,9 +182,11 @@ def _routing(request: AnyRequest) -> dict[str, Any]:
     }
 
 
-def intake(ledger: Ledger, payload: Any, request_id: str, settings: Settings) -> list[str]:
-    """The by-name intake task's step, for producers in other languages: validate, record, and return
-    the jobs to submit. The job id is :func:`job_id_for` the request id, so a resent request is one
+def intake(
+    ledger: Ledger, payload: Any, request_id: str, settings: Settings, turns: TurnQueue | None = None
+) -> Accepted:
+    """The by-name intake task's step, for producers in other languages: validate and record (see
+    :func:`accept`). The job id is :func:`job_id_for` the request id, so a resent request is one
     job, and a request that fails validation is recorded ``failed`` with the reason, never dropped."""
     job_id = job_id_for(str(request_id))
     try:
@@ -169,6 +205,6 @@ def intake(ledger: Ledger, payload: Any, request_id: str, settings: Settings) ->
         )
         if created.created:
             ledger.transition(job_id, [JobState.PENDING], JobState.FAILED, error=str(exc))
-        return []
+        return Accepted(created.id, created.created, None)
     request = routed(request, settings.budgets)
-    return accept(ledger, request, job_id=job_id, idempotency_key=f"intake:{request_id}").to_submit
+    return accept(ledger, request, job_id=job_id, idempotency_key=f"intake:{request_id}", turns=turns)

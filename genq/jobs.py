@@ -33,7 +33,7 @@ from genq.errors import (
     TransientError,
     UpstreamUnavailable,
 )
-from genq.ledger import KEEP, Ledger, Transition
+from genq.ledger import KEEP, Ledger, Transition, queue_note
 from genq.metrics import Recorder
 from genq.netguard import NetPolicy, policy_from
 from genq.polling import clamp_to_deadline
@@ -116,7 +116,7 @@ class JobService:
             return self._submit_retry(rec, exc)
         producer = rec.producer if self.settings.budgets.fair_shares else ""
         try:
-            upstream = self.api.trigger(rec.kind, rec.request, rec.lane.value, producer, rec.id)
+            upstream = self.api.trigger(rec.kind, rec.request, rec.lane.value, rec.id)
         except UpstreamUnavailable as exc:
             if exc.ambiguous and not self.settings.api.submit_at_least_once:
                 return self._unknown(rec, str(exc))
@@ -143,7 +143,7 @@ class JobService:
             [JobState.SUBMITTING],
             JobState.PENDING,
             refund=True,
-            error=f"waiting for its turn at the rate limit (about {eta:.0f}s)",
+            error=queue_note(eta),
             submit_attempts=rec.submit_attempts,  # nothing was sent: the try does not count
             poll_gen=gen,
             due_at=self.clock() + 2 * eta + self.ledger.grace,

@@ -104,16 +104,6 @@ def limit_batch_turns(family: str) -> str:
     return f"{PREFIX}:limit:lane:{family}:batch-turns"
 
 
-def limit_turned_away(family: str) -> str:
-    """Hash: producer -> when its last call of this family was turned away (dropped when admitted)."""
-    return f"{PREFIX}:limit:away:{family}"
-
-
-def limit_producer_window(family: str, producer: str) -> str:
-    """Sorted set: admission times of one producer's calls of this family in the current window."""
-    return f"{PREFIX}:limit:producer:{family}:{producer}"
-
-
 def admit_prefix(family: str) -> str:
     """The admission queue of one family's submits refused by the limiter (:mod:`genq.limits`):
 

@@ -367,6 +367,11 @@ def to_field(value: Any) -> str:
     return str(value)
 
 
+def queue_note(turn_in: float) -> str:
+    """The record's note for a submit waiting in the admission queue."""
+    return f"waiting for its turn at the rate limit (about {turn_in:.0f}s)"
+
+
 class Ledger:
     """Job records in Redis. Plain Python: no Celery here."""
 
@@ -400,9 +405,12 @@ class Ledger:
         parent_id: str | None = None,
         callback: Mapping[str, Any] | None = None,
         routing: Mapping[str, Any] | None = None,
+        turn_in: float | None = None,
     ) -> Created:
         """Record a new job: ``pending``, or ``parked`` when ``model_id`` names a model still training.
-        With an idempotency key seen before, nothing is written and the earlier job's id comes back."""
+        With an idempotency key seen before, nothing is written and the earlier job's id comes back.
+        ``turn_in``: the job is to wait in the admission queue, its turn about that many seconds away
+        (no submit message is sent; see :class:`genq.intake.TurnQueue`)."""
         now = self.clock()
         fields = {
             "id": job_id,
@@ -418,10 +426,14 @@ class Ledger:
             "callback_id": uuid.uuid4().hex if callback else None,
             **(routing or {}),  # producer, lane, on_budget
         }
+        if turn_in is not None:
+            fields["error"] = queue_note(turn_in)
         idem_key = keys.idempotency(idempotency_key) if idempotency_key else ""
         model_keys = [keys.model(model_id), keys.model_parked(model_id)] if model_id else ["", ""]
-        # Due when the submit message should long have run: the sweeper sends it again if not.
-        due = now + self.grace
+        # Due when the submit message should long have run: the sweeper sends it again if not. A job
+        # waiting for its turn is held for twice the queue's length: should the turn never come (the
+        # queue lost in a failover), the sweeper sends it then, and it queues again.
+        due = now + self.grace + (2 * turn_in if turn_in is not None else 0.0)
         args: list[Any] = [job_id, kind.value, now, due, keys.EVENTS_MAXLEN, self.job_ttl, parent_id or ""]
         for name, value in fields.items():
             args += [name, to_field(value)]

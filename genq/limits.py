@@ -48,15 +48,12 @@ end
 
 _ACQUIRE = """
 -- KEYS: blocked (all families), family window, total window, semaphore, the family's interactive
---       window, batch-turned-away marker, producers turned away (hash: producer -> when), the next
---       free turn of a turned-away batch call, the turns given (hash: caller -> when), admission
---       grants (hash: caller -> until when), interactive and batch producers with submits queued,
---       admission state
+--       window, batch-turned-away marker, the next free turn of a turned-away batch call, the turns
+--       given (hash: caller -> when), admission grants (hash: caller -> until when), interactive and
+--       batch producers with submits queued, admission state
 -- ARGV: family rate, total rate, max concurrent, lease seconds, token, window slack (1.05), lane
---       ('interactive', 'batch' or ''), batch share, producer ('' for none), weights (JSON object),
---       weight of producers not in it, producer window key prefix, seconds a turned-away producer
---       counts as waiting, caller (a job id: keeps its turn when it comes back; '' for none),
---       '1' for a submit that waits in the admission queue when refused (see _TICK)
+--       ('interactive', 'batch' or ''), batch share, caller (a job id: keeps its turn when it comes
+--       back; '' for none), '1' for a submit that waits in the admission queue when refused (see _TICK)
 local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
 if blocked > now then return {0, tostring(blocked - now)} end
 -- A rate r admits n = ceil(r) calls in any window of n / r seconds (times the slack in ARGV[6]):
@@ -85,15 +82,15 @@ if cap > 0 then
     capwait = math.max(0.001, math.min(tonumber(first[2]) - now, 1.0))
   end
 end
--- Lanes and producers share the window that governs the call: its family's, else the total's.
+-- Lanes share the window that governs the call: its family's, else the total's.
 local g = (rates[1] > 0 and 1) or (rates[2] > 0 and 2) or nil
-local lane, producer = ARGV[7], ARGV[9]
+local lane = ARGV[7]
 local share = tonumber(ARGV[8])
 if g then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - math.max(windows[g], @RECENT@)) end
-local queue = ARGV[15] == '1' and g ~= nil
+local queue = ARGV[10] == '1' and g ~= nil
 if queue then
-  local granted = tonumber(redis.call('HGET', KEYS[10], ARGV[14]) or '0')
-  local held = 'grant:' .. ARGV[14]
+  local granted = tonumber(redis.call('HGET', KEYS[9], ARGV[9]) or '0')
+  local held = 'grant:' .. ARGV[9]
   for i = 1, 2 do
     -- A grant whose place aged out of a window before its call came (its message was slow) holds
     -- nothing there any more: the call needs room like any other.
@@ -105,7 +102,7 @@ if queue then
   if granted >= now and capwait == 0 then
     -- The admission tick gave this submit its turn and took its place in the windows then; the call
     -- is made now, so its place moves to now (the upstream counts calls when they arrive).
-    redis.call('HDEL', KEYS[10], ARGV[14])
+    redis.call('HDEL', KEYS[9], ARGV[9])
     for i = 1, 2 do
       if counts[i] then redis.call('ZADD', KEYS[i + 1], now, held) end
     end
@@ -116,13 +113,13 @@ if queue then
     end
     return {1, '0', '0'}
   end
-  if granted > 0 and granted < now then redis.call('HDEL', KEYS[10], ARGV[14]) end
+  if granted > 0 and granted < now then redis.call('HDEL', KEYS[9], ARGV[9]) end
   -- Without a grant it goes now only when nothing of its lane or a higher one is queued and the
   -- window has room: batch submits leave the interactive headroom, interactive ones the batch share
   -- while batch submits are queued. Otherwise it joins the queue: nothing comes back to try again.
   wait = math.max(wait, capwait)
-  local batch_queued = redis.call('EXISTS', KEYS[12]) == 1
-  local ahead = redis.call('EXISTS', KEYS[11]) == 1 or (lane == 'batch' and batch_queued)
+  local batch_queued = redis.call('EXISTS', KEYS[11]) == 1
+  local ahead = redis.call('EXISTS', KEYS[10]) == 1 or (lane == 'batch' and batch_queued)
   if wait == 0 and not ahead then
     local used = redis.call('ZCARD', KEYS[g + 1])
     local inter = redis.call('ZCOUNT', KEYS[5], now - windows[g], '+inf')
@@ -134,7 +131,7 @@ if queue then
   end
   if wait > 0 or ahead then
     -- Refused: the wait returned is about how long the queue takes to reach it at the rate.
-    local n = tonumber(redis.call('HGET', KEYS[13], 'n') or '0')
+    local n = tonumber(redis.call('HGET', KEYS[12], 'n') or '0')
     return {0, tostring(math.max(wait, 0.001, (n + 1) * windows[g] / counts[g])), '1'}
   end
 end
@@ -148,59 +145,24 @@ if wait == 0 and g and lane == 'interactive' and reserved then
     wait = math.max(0.001, tonumber(oldest[2]) + windows[g] - now)
   end
 end
-if wait == 0 and g and producer ~= '' and not queue then
-  -- Weighted fair shares: a producer at or over its share of the window waits while another one,
-  -- under its share, was turned away lately (ARGV[13] seconds, at least two windows: its retries
-  -- come back late behind a flood's). A producer alone takes every call; one whose backlog is gone
-  -- stops counting that long after its last call was turned away.
-  local weights = cjson.decode(ARGV[10])
-  local function weight(p) return tonumber(weights[p] or ARGV[11]) end
-  local starving, total = {}, weight(producer)
-  local marks = redis.call('HGETALL', KEYS[7])
-  for i = 1, #marks, 2 do
-    local p, at = marks[i], tonumber(marks[i + 1])
-    if at < now - math.max(2 * windows[g], tonumber(ARGV[13])) then redis.call('HDEL', KEYS[7], p)
-    elseif p ~= producer then
-      local key = ARGV[12] .. p
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - windows[g])
-      table.insert(starving, {p, redis.call('ZCARD', key)})
-      total = total + weight(p)
-    end
-  end
-  if #starving > 0 then
-    local mine_key = ARGV[12] .. producer
-    redis.call('ZREMRANGEBYSCORE', mine_key, '-inf', now - windows[g])
-    local mine = redis.call('ZCARD', mine_key)
-    if mine >= math.max(1, math.floor(counts[g] * weight(producer) / total)) then
-      for _, s in ipairs(starving) do
-        if s[2] < counts[g] * weight(s[1]) / total then
-          local oldest = redis.call('ZRANGE', mine_key, 0, 0, 'WITHSCORES')
-          wait = math.max(0.001, math.min(tonumber(oldest[2]) + windows[g] - now, windows[g]))
-          break
-        end
-      end
-    end
-  end
-end
 if wait > 0 then
   if g and lane == 'batch' then
     redis.call('SET', KEYS[6], '1', 'PX', math.ceil(2000 * windows[g]))
     -- A turned-away batch call takes the next free turn of the rate (a virtual queue), so a backlog of
     -- thousands comes back about as fast as the rate admits, not all at once every window. One that
     -- came back at its turn and lost the slot (to interactive work) keeps its place at the front.
-    local had = ARGV[14] ~= '' and tonumber(redis.call('HGET', KEYS[9], ARGV[14]) or '0') or 0
+    local had = ARGV[9] ~= '' and tonumber(redis.call('HGET', KEYS[8], ARGV[9]) or '0') or 0
     if had == 0 or had > now + windows[g] then
-      local turn = math.max(now + wait, tonumber(redis.call('GET', KEYS[8]) or '0')) + windows[g] / counts[g]
-      redis.call('SET', KEYS[8], tostring(turn), 'PX', math.ceil(1000 * (turn - now + windows[g])))
+      local turn = math.max(now + wait, tonumber(redis.call('GET', KEYS[7]) or '0')) + windows[g] / counts[g]
+      redis.call('SET', KEYS[7], tostring(turn), 'PX', math.ceil(1000 * (turn - now + windows[g])))
       wait = turn - now
     end
-    if ARGV[14] ~= '' then
-      redis.call('HSET', KEYS[9], ARGV[14], tostring(now + wait))
+    if ARGV[9] ~= '' then
+      redis.call('HSET', KEYS[8], ARGV[9], tostring(now + wait))
       local keep = math.ceil(1000 * (wait + 2 * windows[g]))
-      if redis.call('PTTL', KEYS[9]) < keep then redis.call('PEXPIRE', KEYS[9], keep) end
+      if redis.call('PTTL', KEYS[8]) < keep then redis.call('PEXPIRE', KEYS[8], keep) end
     end
   end
-  if g and producer ~= '' then redis.call('HSET', KEYS[7], producer, tostring(now)) end
   return {0, tostring(wait)}
 end
 if g then
@@ -209,11 +171,7 @@ if g then
     redis.call('ZADD', KEYS[5], now, ARGV[5])
     redis.call('EXPIRE', KEYS[5], math.max(ttl, @RECENT@ + 1))
   end
-  if lane == 'batch' and ARGV[14] ~= '' then redis.call('HDEL', KEYS[9], ARGV[14]) end
-  if producer ~= '' and not queue then
-    redis.call('ZADD', ARGV[12] .. producer, now, ARGV[5])
-    redis.call('EXPIRE', ARGV[12] .. producer, ttl)
-  end
+  if lane == 'batch' and ARGV[9] ~= '' then redis.call('HDEL', KEYS[8], ARGV[9]) end
 end
 for i, rate in ipairs(rates) do
   if rate > 0 then
@@ -450,8 +408,6 @@ class Limits:
     weights: Mapping[str, float] = field(default_factory=dict)
     """Producer -> its weight in the fair shares of a window (producers not named: ``other_weight``)."""
     other_weight: float = 1.0
-    fair_horizon: float = 15.0
-    """Seconds a producer turned away counts as waiting for its share (at least two windows)."""
     tick_share: float = 0.1
     """Share of a window the admission tick grants per run (at least one turn): turns go out paced at
     the rate, not a window at a time."""
@@ -512,15 +468,12 @@ class UpstreamLimiter:
         self._weights = json.dumps(dict(limits.weights)) if limits.weights else "{}"
         self._block = client.register_script(_BLOCK)
 
-    def acquire(
-        self, family: str, lane: str = "", producer: str = "", caller: str = ""
-    ) -> tuple[Permit | None, float]:
+    def acquire(self, family: str, lane: str = "", caller: str = "") -> tuple[Permit | None, float]:
         """``(permit, 0)`` when the call may go now, else ``(None, seconds to wait)``.
 
         With a ``lane``, interactive calls leave ``batch_share`` of the window to batch calls while
-        those are being turned away; with a ``producer``, a producer at its weighted share of the
-        window waits while another one under its share is being turned away."""
-        permit, wait, _ = self.admit(family, lane, producer, caller)
+        those are being turned away. (Producers share a window in the admission queue, :meth:`park`.)"""
+        permit, wait, _ = self.admit(family, lane, caller)
         return permit, wait
 
     def queues(self, family: str) -> bool:
@@ -528,7 +481,7 @@ class UpstreamLimiter:
         return bool(self.limits.rates.get(family, 0) or self.limits.total_rate)
 
     def admit(
-        self, family: str, lane: str = "", producer: str = "", caller: str = "", queue: bool = False
+        self, family: str, lane: str = "", caller: str = "", queue: bool = False
     ) -> tuple[Permit | None, float, bool]:
         """:meth:`acquire`, and for a submit (``queue``, with its job id as ``caller``) the admission
         queue: it goes with a turn the tick granted, or when nothing is queued ahead of it and the
@@ -553,7 +506,6 @@ class UpstreamLimiter:
                 keys.LIMIT_SEMAPHORE,
                 keys.limit_lane_window(family),
                 keys.limit_batch_waiting(family),
-                keys.limit_turned_away(family),
                 keys.limit_batch_turn(family),
                 keys.limit_batch_turns(family),
                 f"{admit}:grants",
@@ -570,11 +522,6 @@ class UpstreamLimiter:
                 self.limits.window_slack,
                 lane,
                 self.limits.batch_share,
-                producer,
-                self._weights,
-                self.limits.other_weight,
-                keys.limit_producer_window(family, ""),
-                self.limits.fair_horizon,
                 caller,
                 "1" if queue else "",
             ],
@@ -582,6 +529,24 @@ class UpstreamLimiter:
         if ok:
             return Permit(token), 0.0, False
         return None, max(0.001, float(wait)), bool(queued) and as_text(queued[0]) == "1"
+
+    def waiting_ahead(self, family: str, lane: str) -> float | None:
+        """For a new submit of ``lane``: about how many seconds the queue ahead of it takes at the rate,
+        when submits of its lane or a higher one are already waiting their turn; else None (it may
+        find room at once). One round trip that writes nothing. It is a hint: the queue may empty
+        meanwhile, and a submit parked then is granted by the next tick."""
+        rate = self.limits.rates.get(family, 0) or self.limits.total_rate
+        if not rate:
+            return None
+        admit = keys.admit_prefix(family)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(f"{admit}:p:interactive")
+        pipe.exists(f"{admit}:p:batch")
+        pipe.hget(f"{admit}:state", "n")
+        interactive, batch, n = pipe.execute()
+        if not (interactive or (lane == "batch" and batch)):
+            return None
+        return (int(n or 0) + 1) * self.limits.window_slack / rate
 
     def park(self, family: str, job_id: str, gen: int, lane: str, producer: str) -> str | None:
         """Queue a refused submit for its turn (it keeps its place if it is queued already). Returns a

@@ -211,9 +211,9 @@ class MeteredLimiter(UpstreamLimiter):
         self.recorder = recorder
 
     def admit(
-        self, family: str, lane: str = "", producer: str = "", caller: str = "", queue: bool = False
+        self, family: str, lane: str = "", caller: str = "", queue: bool = False
     ) -> tuple[Permit | None, float, bool]:
-        permit, wait, queued = super().admit(family, lane, producer, caller, queue)
+        permit, wait, queued = super().admit(family, lane, caller, queue)
         if permit is None:
             self.recorder.throttled(family, wait)
         return permit, wait, queued

@@ -33,7 +33,7 @@ from genq.ledger import JobEvent
 from genq.metrics import sent_at_header
 from genq.model_ledger import ModelLedger
 from genq.schemas import DEFAULT_PRODUCER, JobKind, JobRecord, JobState, Lane, ModelId, ModelRecord
-from genq.services import insecure_tls_warning, ledger_for, redis_client
+from genq.services import insecure_tls_warning, ledger_for, limiter_for, redis_client, turn_queue
 from genq.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Producer:
         self.redis: redis.Redis = redis_client(self.settings)
         self.ledger = ledger_for(self.redis, self.settings)
         self.models = ModelLedger(self.redis, grace=self.settings.worker.sweep_grace, clock=self.ledger.clock)
+        self.turns = turn_queue(limiter_for(self.redis, self.settings), self.settings)
         self.celery = Celery("genqueue-producer", set_as_current=False)
         self.celery.conf.update(celery_config(self.settings))
 
@@ -138,7 +139,7 @@ class Producer:
         check_callback(request.callback, self.settings)
         request = intake.routed(request, self.settings.budgets, self.producer_id)
         try:
-            accepted = intake.accept(self.ledger, request, idempotency_key=idempotency_key)
+            accepted = intake.accept(self.ledger, request, idempotency_key=idempotency_key, turns=self.turns)
             durable = self.ledger.make_durable(
                 self.settings.redis.durable_replicas, self.settings.redis.durable_timeout
             )
@@ -150,20 +151,23 @@ class Producer:
             raise EnqueueError(f"job {accepted.id} not yet on a replica; submit it again with the same key")
         for job_id in accepted.to_submit:
             self._send(job_id, batch=request.lane is Lane.BATCH)
+        if accepted.tick:  # queued for its turn, and the queue's tick is this job's to start
+            self._message(accepted.id, Task.ADMIT, ["trigger", accepted.tick])
         return JobHandle(accepted.id, accepted.created, self)
 
     def _send(self, job_id: str, gen: int = 0, batch: bool = False) -> None:
+        self._message(job_id, Task.SUBMIT, [job_id, gen], lane_priority(batch))
+
+    def _message(self, job_id: str, task: Task, args: list[Any], priority: int | None = None) -> None:
+        """Send one of ``job_id``'s messages."""
         try:
             self.celery.send_task(
-                Task.SUBMIT,
-                args=[job_id, gen],
-                queue=TASK_QUEUES[Task.SUBMIT],
-                headers=sent_at_header(),
-                priority=lane_priority(batch),
+                task, args=args, queue=TASK_QUEUES[task], headers=sent_at_header(), priority=priority
             )
         except Exception as exc:  # kombu raises several unrelated types for a dead broker
-            # The job is recorded and due: the sweeper sends it once the broker is back. Failing it
-            # here would also tie its idempotency key to a failed job for the key's whole life.
+            # The job is recorded and due: the sweeper sends it (or starts the queue's tick) once the
+            # broker is back. Failing it here would also tie its idempotency key to a failed job for
+            # the key's whole life.
             log.warning(
                 "job %s recorded, but the broker refused its message (%s); the sweeper will send it",
                 job_id,

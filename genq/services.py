@@ -14,6 +14,7 @@ from genq.api import UpstreamClient
 from genq.backlog import SubmitBacklog
 from genq.callbacks import CallbackService, callback_policy
 from genq.clock import Clock
+from genq.intake import TurnQueue
 from genq.jobs import JobService, net_policy
 from genq.ledger import Ledger
 from genq.limits import Limits, UpstreamLimiter
@@ -106,6 +107,32 @@ def ledger_for(client: redis.Redis, settings: Settings, clock: Clock | None = No
     return Ledger(client, job_ttl=settings.worker.job_ttl, grace=settings.worker.sweep_grace, clock=clock)
 
 
+def limiter_for(client: redis.Redis, settings: Settings) -> UpstreamLimiter:
+    """The shared limits on upstream calls (``GENQ_LIMITS_*``), with the lanes' and producers' shares."""
+    limits = settings.limits
+    return UpstreamLimiter(
+        client,
+        Limits(
+            rates={
+                "trigger": limits.trigger_rate,
+                "status": limits.status_rate,
+                "models": limits.models_rate,
+            },
+            total_rate=limits.rate,
+            max_concurrent=limits.max_concurrent,
+            batch_share=settings.budgets.batch_share,
+            weights={name: policy.weight for name, policy in settings.budgets.producers.items()},
+            other_weight=settings.budgets.others.weight,
+            lease_seconds=settings.api.connect_timeout + settings.api.read_timeout + 5,
+        ),
+    )
+
+
+def turn_queue(limiter: UpstreamLimiter, settings: Settings) -> TurnQueue | None:
+    """Queueing at intake, when a rate applies to submits (else nothing ever waits for a turn)."""
+    return TurnQueue(limiter, settings.budgets.fair_shares) if limiter.queues("trigger") else None
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -116,28 +143,14 @@ class Services:
     training: TrainingService
     sweeper: Sweeper
     callbacks: CallbackService
+    turns: TurnQueue | None = None
+    """Queues a new submit behind those of its lane already waiting at the rate limit (intake)."""
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         client = redis_client(settings)
         ledger = ledger_for(client, settings)
-        limits = settings.limits
-        limiter = UpstreamLimiter(
-            client,
-            Limits(
-                rates={
-                    "trigger": limits.trigger_rate,
-                    "status": limits.status_rate,
-                    "models": limits.models_rate,
-                },
-                total_rate=limits.rate,
-                max_concurrent=limits.max_concurrent,
-                batch_share=settings.budgets.batch_share,
-                weights={name: policy.weight for name, policy in settings.budgets.producers.items()},
-                other_weight=settings.budgets.others.weight,
-                lease_seconds=settings.api.connect_timeout + settings.api.read_timeout + 5,
-            ),
-        )
+        limiter = limiter_for(client, settings)
         api = UpstreamClient(
             settings.api.base_url,
             settings.api.key,
@@ -159,7 +172,8 @@ class Services:
         sweeper = Sweeper(ledger, models, jobs, clock, SubmitBacklog(broker))
         receivers = guarded_session(callback_policy(settings))
         callbacks = CallbackService(settings, ledger, receivers, clock, rng)
-        return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks)
+        turns = turn_queue(limiter, settings)
+        return cls(settings, client, ledger, api, jobs, training, sweeper, callbacks, turns)
 
     def close(self) -> None:
         if self.jobs.recorder is not None:

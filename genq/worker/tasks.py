@@ -25,9 +25,11 @@ from genq.worker.runtime import services
 
 @app.task(name=Task.INTAKE)
 def intake(request: dict[str, Any], request_id: str) -> None:
-    ready = intake_service.intake(services().ledger, request, request_id, services().settings)
-    in_batch = services().ledger.batch_lane(ready)
-    dispatch(SubmitLater(job_id, 0.0, batch=job_id in in_batch) for job_id in ready)
+    s = services()
+    accepted = intake_service.intake(s.ledger, request, request_id, s.settings, s.turns)
+    in_batch = s.ledger.batch_lane(accepted.to_submit)
+    actions: list[Action] = [SubmitLater(j, 0.0, batch=j in in_batch) for j in accepted.to_submit]
+    dispatch(actions + ([Admit("trigger", accepted.tick)] if accepted.tick else []))
 
 
 @app.task(name=Task.SUBMIT)

@@ -11,7 +11,10 @@ import redis
 from genq import keys
 from genq.embedded import EmbeddedRedis
 from genq.exporter import Collector
+from genq.intake import TurnQueue, accept
+from genq.ledger import Ledger
 from genq.limits import Limits, UpstreamLimiter, admission_queued
+from genq.schemas import ImageRequest, JobState, Lane
 
 SLOW = 60.0  # a 10/s rate's window becomes 60 s
 
@@ -30,7 +33,7 @@ def _pending(limiter: UpstreamLimiter, job_id: str, gen: int = 1) -> None:
 
 def _admit(limiter: UpstreamLimiter, job_id: str, lane: str = "interactive", producer: str = "p") -> bool:
     """A submit's try: True when admitted, False when it is to wait in the queue."""
-    permit, _, queued = limiter.admit("trigger", lane, producer, job_id, queue=True)
+    permit, _, queued = limiter.admit("trigger", lane, job_id, queue=True)
     assert permit is not None or queued, "a refused submit waits in the queue, it is not retried"
     return permit is not None
 
@@ -241,3 +244,65 @@ def test_turns_go_out_paced_at_the_rate_not_a_window_at_a_time(redis_server: Emb
     state = f"{keys.admit_prefix('trigger')}:state"
     limiter.redis.hincrbyfloat(state, "tick_at", -3 * step)  # as if three turns' time had passed
     assert [g.job_id for g in limiter.tick("trigger", early.token).grants] == ["job-4", "job-5", "job-6"]
+
+
+def _ledger(limiter: UpstreamLimiter) -> Ledger:
+    return Ledger(limiter.redis, job_ttl=3600, grace=30.0)
+
+
+def _request(lane: str, producer: str = "shop") -> ImageRequest:
+    return ImageRequest(prompt="a lighthouse", producer=producer, lane=Lane(lane))
+
+
+def test_a_new_job_queues_at_intake_behind_its_lane_without_a_message(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    ledger, turns = _ledger(limiter), TurnQueue(limiter)
+    first = accept(ledger, _request("batch"), turns=turns)
+    assert first.to_submit == [first.id] and not first.queued  # nothing waits: it is sent
+
+    _fill(limiter, 10)
+    token = _queue(limiter, "batch-1", lane="batch")
+    assert token is not None
+    later = accept(ledger, _request("batch"), turns=turns)
+    assert later.queued and later.to_submit == [] and later.tick is None  # the queue has its tick
+    rec = ledger.get(later.id)
+    assert rec is not None and rec.state is JobState.PENDING and rec.poll_gen == 0
+    assert rec.error is not None and rec.error.startswith("waiting for its turn")
+    # Held for twice its wait (two places ahead of it at 10 per 63 s), plus the grace: not re-sent meanwhile.
+    due = ledger.redis.zscore(keys.DUE, later.id)
+    assert due is not None and due >= rec.created_at + 30.0 + 2 * 2 * SLOW * 1.0 / 10 * 0.99
+    assert limiter.redis.zrange(f"{keys.admit_prefix('trigger')}:q:batch:shop", 0, -1) == [later.id.encode()]
+
+    urgent = accept(ledger, _request("interactive"), turns=turns)
+    assert urgent.to_submit == [urgent.id] and not urgent.queued  # a higher lane is not behind batch
+
+    _free_window(limiter)
+    tick = limiter.tick("trigger", token)
+    assert [(g.job_id, g.gen) for g in tick.grants] == [("batch-1", 1), (later.id, 0)]
+
+
+def test_a_job_queued_at_intake_starts_the_tick_when_none_is_scheduled(redis_server: EmbeddedRedis) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    ledger, turns = _ledger(limiter), TurnQueue(limiter)
+    _fill(limiter, 10)
+    _queue(limiter, "first", lane="interactive")
+    limiter.redis.delete(f"{keys.admit_prefix('trigger')}:tick")  # its tick was lost
+    queued = accept(ledger, _request("interactive"), turns=turns)
+    assert queued.queued and queued.tick is not None  # so this job sends one
+    again = accept(ledger, _request("batch"), turns=turns)
+    assert again.queued and again.tick is None  # batch is behind interactive work too
+
+
+def test_a_job_waiting_for_its_model_or_a_repeated_request_is_not_queued_at_intake(
+    redis_server: EmbeddedRedis,
+) -> None:
+    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
+    ledger, turns = _ledger(limiter), TurnQueue(limiter)
+    _fill(limiter, 10)
+    _queue(limiter, "first", lane="batch")
+    sent = accept(ledger, _request("batch"), idempotency_key="k1")  # before intake queueing applied
+    again = accept(ledger, _request("batch"), idempotency_key="k1", turns=turns)
+    assert again.id == sent.id and not again.created and not again.queued
+    assert limiter.redis.zcard(f"{keys.admit_prefix('trigger')}:q:batch:shop") == 0  # nothing parked
+    modelled = _request("batch").model_copy(update={"model_id": "m-1"})
+    assert not accept(ledger, modelled, turns=turns).queued

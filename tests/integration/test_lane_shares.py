@@ -1,4 +1,5 @@
-"""The shared limiter's reserved batch share and weighted producer shares, against a real redis-server.
+"""The shared limiter's reserved batch share and batch turns (calls outside the admission queue: polls
+under a status rate), against a real redis-server.
 Windows are stretched (``window_slack``) to a minute so that every sequence here runs inside one."""
 
 from __future__ import annotations
@@ -16,21 +17,21 @@ def _limiter(server: EmbeddedRedis, **limits: object) -> UpstreamLimiter:
     return UpstreamLimiter(redis.Redis.from_url(server.url), Limits(**limits))  # type: ignore[arg-type]
 
 
-def _take(limiter: UpstreamLimiter, n: int, lane: str = "", producer: str = "") -> list[bool]:
+def _take(limiter: UpstreamLimiter, n: int, lane: str = "") -> list[bool]:
     out = []
     for _ in range(n):
-        permit, _ = limiter.acquire("trigger", lane, producer)
+        permit, _ = limiter.acquire("trigger", lane)
         out.append(permit is not None)
         if permit is not None:
             limiter.release(permit)
     return out
 
 
-def _turned_away(limiter: UpstreamLimiter, lane: str = "", producer: str = "") -> None:
+def _turned_away(limiter: UpstreamLimiter, lane: str = "") -> None:
     """Turn one call away by the concurrency cap (one call held in flight), not by the window."""
     held, _ = limiter.acquire("trigger", "interactive")
     assert held is not None
-    permit, wait = limiter.acquire("trigger", lane, producer)
+    permit, wait = limiter.acquire("trigger", lane)
     assert permit is None and wait > 0
     limiter.release(held)
 
@@ -50,40 +51,6 @@ def test_interactive_calls_leave_the_batch_share_once_batch_calls_are_turned_awa
 def test_without_batch_waiting_interactive_calls_take_the_whole_window(redis_server: EmbeddedRedis) -> None:
     limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW, batch_share=0.2)
     assert _take(limiter, 11, "interactive") == [True] * 10 + [False]
-
-
-def test_a_producer_alone_takes_every_call(redis_server: EmbeddedRedis) -> None:
-    limiter = _limiter(redis_server, rates={"trigger": 10}, window_slack=SLOW)
-    assert _take(limiter, 11, producer="flood") == [True] * 10 + [False]
-
-
-def test_a_producer_at_its_share_waits_while_another_is_turned_away(redis_server: EmbeddedRedis) -> None:
-    limiter = _limiter(
-        redis_server,
-        rates={"trigger": 10},
-        window_slack=SLOW,
-        max_concurrent=1,
-        weights={"flood": 1, "shop": 1},
-    )
-    _turned_away(limiter, producer="shop")
-    # shop was turned away: flood gets its half of the window (5), shop the rest (the call held to
-    # turn shop away took one).
-    assert _take(limiter, 6, producer="flood") == [True] * 5 + [False]
-    assert _take(limiter, 5, producer="shop") == [True] * 4 + [False]
-    assert _take(limiter, 1, producer="flood") == [False]  # the window is full
-
-
-def test_weights_set_the_shares(redis_server: EmbeddedRedis) -> None:
-    limiter = _limiter(
-        redis_server,
-        rates={"trigger": 10},
-        window_slack=SLOW,
-        max_concurrent=1,
-        weights={"flood": 1, "shop": 4},
-    )
-    _turned_away(limiter, producer="shop")
-    assert _take(limiter, 3, producer="flood") == [True, True, False]  # 10 * 1/5
-    assert _take(limiter, 8, producer="shop") == [True] * 7 + [False]  # and one held above
 
 
 def test_turned_away_batch_calls_queue_for_successive_turns(redis_server: EmbeddedRedis) -> None:

@@ -229,7 +229,7 @@ class Throttle:
         self.wait = wait
 
     def admit(
-        self, family: str, lane: str = "", producer: str = "", caller: str = "", queue: bool = False
+        self, family: str, lane: str = "", caller: str = "", queue: bool = False
     ) -> tuple[None, float, bool]:
         return None, self.wait, False
 

@@ -143,9 +143,7 @@ class FakeUpstream:
         if o == "404":
             raise UpstreamRejected(f"{what}: 404 not found", 404)
 
-    def trigger(
-        self, kind: JobKind, body: dict[str, Any], lane: str = "", producer: str = "", caller: str = ""
-    ) -> UpstreamJob:
+    def trigger(self, kind: JobKind, body: dict[str, Any], lane: str = "", caller: str = "") -> UpstreamJob:
         self.calls += 1
         what = f"POST {kind.value}"
         if self.outcome == "queued":
@@ -153,7 +151,7 @@ class FakeUpstream:
             raise Throttled(f"{what}: held back by the shared rate limit", self.retry_after, queued=True)
         if self.gate is not None:
             # A granted turn is taken here; without one, a submit with others queued ahead joins them.
-            permit, wait, queued = self.gate.admit("trigger", lane, producer, caller, queue=bool(caller))
+            permit, wait, queued = self.gate.admit("trigger", lane, caller, queue=bool(caller))
             if permit is None:
                 raise Throttled(f"{what}: held back by the shared rate limit", wait, queued)
         self._fail_before_acting(what)

@@ -26,7 +26,8 @@ The rate limit's admission queue (:mod:`genq.limits`) runs for real: a real ``Up
 model's Redis parks, ticks and rearms, and every POST asks it first, as the real client does. Its
 rates are so high (``ADMISSION_LIMITS``) that its windows never refuse by themselves; the answer
 ``queued`` stands for a full window (the submit joins the queue). A submit then also joins the queue
-whenever others are queued ahead of it without a turn, as in production. A ``429`` closes the
+whenever others are queued ahead of it without a turn, as in production, and a new job does so at
+intake, with no message (``intake.TurnQueue``), when its lane already waits. A ``429`` closes the
 upstream through the limiter, as the real client does, so ticks grant nothing meanwhile and a queue
 outlives them. ``Admit`` messages (the tick) are delivered, lost, duplicated and crashed like any
 other; ``lose_queue`` deletes the whole queue (a failover that lost it). The limiter keeps Redis's
@@ -41,7 +42,8 @@ Environment knobs (all optional):
                       ``expire`` (no emulated Redis expiry, but for the rate limit's keys),
                       ``backlog`` (the sweeper sees no submit queue), ``admission`` (no rate limit:
                       no ``queued`` answer, no admission queue), ``losequeue`` (its loss is not
-                      modelled), or a job kind (``workflow``, ``video``...).
+                      modelled), ``intakequeue`` (a new job is always sent, never queued at
+                      intake behind its lane), or a job kind (``workflow``, ``video``...).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ from genq.actions import (
     TrainLater,
 )
 from genq.callbacks import CallbackService, check_callback
+from genq.intake import TurnQueue
 from genq.jobs import JobService
 from genq.ledger import Ledger, QueuedSince
 from genq.limits import Limits, UpstreamLimiter
@@ -205,6 +208,7 @@ class GenqMachine(RuleBasedStateMachine):
                 client, ADMISSION_LIMITS, retimed=self._retimed, counts=STATS.admission
             )
             self.upstream.gate = UpstreamLimiter(w.client, ADMISSION_LIMITS)
+        self.turns = TurnQueue(self.upstream.limiter) if ADMISSION and "intakequeue" not in OFF else None
         rng = random.Random(0)
         self.jobs = JobService(
             w.settings,
@@ -413,14 +417,17 @@ class GenqMachine(RuleBasedStateMachine):
 
     def _send_request(self, payload: dict[str, Any], via: str, key: str, job_id: str) -> str:
         if via == "intake":
-            ready = intake.intake(self.ledger, payload, key, self.settings)
+            accepted = intake.intake(self.ledger, payload, key, self.settings, self.turns)
             made = intake.job_id_for(key)
         else:
             request = intake.validate(payload)
             check_callback(request.callback, self.settings)
-            accepted = intake.accept(self.ledger, request, job_id=job_id, idempotency_key=key or None)
-            ready, made = accepted.to_submit, accepted.id
-        self._log(f"    accepted as {made}")
+            accepted = intake.accept(
+                self.ledger, request, job_id=job_id, idempotency_key=key or None, turns=self.turns
+            )
+            made = accepted.id
+        self._log(f"    accepted as {made}" + (" and queued for its turn" if accepted.queued else ""))
+        STATS.admission["queued at intake"] += accepted.queued
         if made in self.expired and self.redis.exists(keys.job(made)):
             # Its record and key both expired, so genqueue had forgotten the request: a by-name resend
             # (same derived id) is a new job, not the old one brought back.
@@ -434,7 +441,8 @@ class GenqMachine(RuleBasedStateMachine):
             self.injected[made] += sum(
                 1 for m in self.msgs if isinstance(m.action, SubmitLater) and m.action.job_id == made
             )
-        self._enqueue([SubmitLater(j, 0.0) for j in ready])
+        ticks: list[Action] = [Admit("trigger", accepted.tick)] if accepted.tick else []
+        self._enqueue([SubmitLater(j, 0.0) for j in accepted.to_submit] + ticks)
         self._refresh_known()
         return made
 

@@ -111,7 +111,7 @@ if queue then
       redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[5])
       redis.call('EXPIRE', KEYS[4], math.ceil(tonumber(ARGV[4])) + 10)
     end
-    return {1, '0', '0'}
+    return {1, '0', held}
   end
   if granted > 0 and granted < now then redis.call('HDEL', KEYS[9], ARGV[9]) end
   -- Without a grant it goes now only when nothing of its lane or a higher one is queued and the
@@ -183,7 +183,7 @@ if cap > 0 then
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[5])
   redis.call('EXPIRE', KEYS[4], math.ceil(tonumber(ARGV[4])) + 10)
 end
-return {1, '0'}
+return {1, '0', ARGV[5]}
 """
 
 _WINDOWS = """
@@ -376,6 +376,16 @@ def _script(*parts: str) -> str:
     return "".join(parts).replace("@RECENT@", str(RECENT)).replace("@TICK_TTL_MS@", str(TICK_TTL_MS))
 
 
+_RELEASE = """
+-- KEYS: semaphore, family window, total window. ARGV: token, the call's member in the windows, '1' to
+-- free its concurrency slot. Moves the call's place in the windows to now (if it is still there).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+for i = 2, 3 do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[2]) end
+return 1
+"""
+
 _BLOCK_SLACK_MS = 1000
 """The closure key outlives its closed period by this much (the ``+ 1000`` of ``_BLOCK``'s PX)."""
 
@@ -450,9 +460,13 @@ class Tick:
 
 @dataclass(frozen=True)
 class Permit:
-    """An admitted call; release it when the call is done (frees its concurrency slot)."""
+    """An admitted call; release it when the call is done (frees its concurrency slot, and moves its
+    place in the rate windows to when it was answered)."""
 
     token: str
+    window: str = ""
+    """Its member in the rate windows ('' when no rate applied)."""
+    family: str = ""
 
 
 class UpstreamLimiter:
@@ -467,6 +481,7 @@ class UpstreamLimiter:
         self._rearm = client.register_script(_script(_REARM))
         self._weights = json.dumps(dict(limits.weights)) if limits.weights else "{}"
         self._block = client.register_script(_BLOCK)
+        self._release = client.register_script(_RELEASE)
 
     def acquire(self, family: str, lane: str = "", caller: str = "") -> tuple[Permit | None, float]:
         """``(permit, 0)`` when the call may go now, else ``(None, seconds to wait)``.
@@ -527,7 +542,8 @@ class UpstreamLimiter:
             ],
         )
         if ok:
-            return Permit(token), 0.0, False
+            window = as_text(queued[0]) if queued and self.queues(family) else ""
+            return Permit(token, window, family), 0.0, False
         return None, max(0.001, float(wait)), bool(queued) and as_text(queued[0]) == "1"
 
     def waiting_ahead(self, family: str, lane: str) -> float | None:
@@ -620,7 +636,16 @@ class UpstreamLimiter:
         return bool(limits.rates.get(family, 0) or limits.total_rate or limits.max_concurrent > 0)
 
     def release(self, permit: Permit) -> None:
-        if self.limits.max_concurrent > 0:
+        """The call is done. Its place in the rate windows moves to now, when its answer came: the
+        upstream counted it on arrival, which may be well after it was admitted (a worker starved of
+        CPU between the two, a slow connect), and a call admitted a window after the admission could
+        then reach the upstream within a second of it. A call answered is past its arrival."""
+        if permit.window:
+            self._release(
+                keys=[keys.LIMIT_SEMAPHORE, *_opening_keys(permit.family)[1:]],
+                args=[permit.token, permit.window, "1" if self.limits.max_concurrent > 0 else ""],
+            )
+        elif self.limits.max_concurrent > 0:
             self.redis.zrem(keys.LIMIT_SEMAPHORE, permit.token)
 
     def block(self, seconds: float) -> None:

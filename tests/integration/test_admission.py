@@ -5,6 +5,8 @@ sequence here runs inside one; a test frees the window by deleting it, as if its
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -306,3 +308,41 @@ def test_a_job_waiting_for_its_model_or_a_repeated_request_is_not_queued_at_inta
     assert limiter.redis.zcard(f"{keys.admit_prefix('trigger')}:q:batch:shop") == 0  # nothing parked
     modelled = _request("batch").model_copy(update={"model_id": "m-1"})
     assert not accept(ledger, modelled, turns=turns).queued
+
+
+def test_a_call_takes_its_place_in_the_windows_when_it_is_answered(redis_server: EmbeddedRedis) -> None:
+    """The upstream counts a call when it arrives, which a starved worker may make well after the
+    admission: the place moves to the answer's time, so the call a window later cannot arrive within
+    a second of it."""
+    limiter = _limiter(redis_server, rates={"trigger": 10}, total_rate=20)
+    windows = [keys.limit_window("trigger"), keys.limit_window("*")]
+    permit, _ = limiter.acquire("trigger")
+    assert permit is not None and permit.window == permit.token
+    admitted = [limiter.redis.zscore(w, permit.window) for w in windows]
+    time.sleep(0.05)
+    limiter.release(permit)
+    answered = [limiter.redis.zscore(w, permit.window) for w in windows]
+    assert all(
+        a is not None and b is not None and b >= a + 0.04 for a, b in zip(admitted, answered, strict=True)
+    )
+
+    # A granted submit's place is the grant's, and moves the same way.
+    _fill(limiter, 9)
+    token = _queue(limiter, "late")
+    assert token is not None
+    _free_window(limiter)
+    assert _granted(limiter, token) == ["late"]
+    granted, _, _ = limiter.admit("trigger", "interactive", "late", queue=True)
+    assert granted is not None and granted.window == "grant:late"
+    before = limiter.redis.zscore(windows[0], "grant:late")
+    time.sleep(0.02)
+    limiter.release(granted)
+    after = limiter.redis.zscore(windows[0], "grant:late")
+    assert before is not None and after is not None and after > before
+
+    # A place that aged out of a window is not put back.
+    permit, _ = limiter.acquire("trigger")
+    assert permit is not None
+    limiter.redis.delete(windows[0])
+    limiter.release(permit)
+    assert limiter.redis.zscore(windows[0], permit.window) is None

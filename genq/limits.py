@@ -18,6 +18,7 @@ sleeps and no worker slot is held while waiting.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -378,11 +379,16 @@ def _script(*parts: str) -> str:
 
 _RELEASE = """
 -- KEYS: semaphore, family window, total window. ARGV: token, the call's member in the windows, '1' to
--- free its concurrency slot. Moves the call's place in the windows to now (if it is still there).
+-- free its concurrency slot, then per window the lateness its slack absorbs (seconds).
+-- A call answered later than that after its place was taken moves its place to now minus it.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 if ARGV[3] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
-for i = 2, 3 do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[2]) end
+for i = 2, 3 do
+  local at = redis.call('ZSCORE', KEYS[i], ARGV[2])
+  local late = now - tonumber(ARGV[i + 2])
+  if at and late > tonumber(at) then redis.call('ZADD', KEYS[i], late, ARGV[2]) end
+end
 return 1
 """
 
@@ -636,14 +642,21 @@ class UpstreamLimiter:
         return bool(limits.rates.get(family, 0) or limits.total_rate or limits.max_concurrent > 0)
 
     def release(self, permit: Permit) -> None:
-        """The call is done. Its place in the rate windows moves to now, when its answer came: the
-        upstream counted it on arrival, which may be well after it was admitted (a worker starved of
-        CPU between the two, a slow connect), and a call admitted a window after the admission could
-        then reach the upstream within a second of it. A call answered is past its arrival."""
+        """The call is done. The upstream counted it on arrival, which may be well after it was
+        admitted (a worker starved of CPU between the two, a slow connect): more than the windows'
+        slack (``window_slack``) absorbs, and a call admitted a window after this one could reach the
+        upstream within a second of it. So a call answered later than half its window's slack after
+        its admission moves its place to its answer's time less that half (its arrival was before the
+        answer). One answered in time keeps its place: the rate stays whole."""
         if permit.window:
+            slack = self.limits.window_slack - 1
+            absorbs = [
+                math.ceil(rate) / rate * slack / 2 if rate else 0.0
+                for rate in (self.limits.rates.get(permit.family, 0), self.limits.total_rate)
+            ]
             self._release(
                 keys=[keys.LIMIT_SEMAPHORE, *_opening_keys(permit.family)[1:]],
-                args=[permit.token, permit.window, "1" if self.limits.max_concurrent > 0 else ""],
+                args=[permit.token, permit.window, "1" if self.limits.max_concurrent > 0 else "", *absorbs],
             )
         elif self.limits.max_concurrent > 0:
             self.redis.zrem(keys.LIMIT_SEMAPHORE, permit.token)

@@ -310,39 +310,47 @@ def test_a_job_waiting_for_its_model_or_a_repeated_request_is_not_queued_at_inta
     assert not accept(ledger, modelled, turns=turns).queued
 
 
-def test_a_call_takes_its_place_in_the_windows_when_it_is_answered(redis_server: EmbeddedRedis) -> None:
-    """The upstream counts a call when it arrives, which a starved worker may make well after the
-    admission: the place moves to the answer's time, so the call a window later cannot arrive within
-    a second of it."""
+def test_a_call_answered_late_takes_its_place_in_the_windows_then(redis_server: EmbeddedRedis) -> None:
+    """The upstream counts a call when it arrives, which a starved worker may make later than the
+    windows' slack absorbs (5 % of a window: 50 ms at 10/s and 20/s here): its place moves to its
+    answer's time less half the slack, so the call a window later cannot arrive within a second of it."""
     limiter = _limiter(redis_server, rates={"trigger": 10}, total_rate=20)
     windows = [keys.limit_window("trigger"), keys.limit_window("*")]
+
+    def places(member: str) -> list[float]:
+        return [float(limiter.redis.zscore(w, member) or 0) for w in windows]
+
     permit, _ = limiter.acquire("trigger")
     assert permit is not None and permit.window == permit.token
-    admitted = [limiter.redis.zscore(w, permit.window) for w in windows]
-    time.sleep(0.05)
+    admitted = places(permit.window)
     limiter.release(permit)
-    answered = [limiter.redis.zscore(w, permit.window) for w in windows]
-    assert all(
-        a is not None and b is not None and b >= a + 0.04 for a, b in zip(admitted, answered, strict=True)
-    )
+    assert places(permit.window) == admitted  # answered in time: its place stays
+
+    permit, _ = limiter.acquire("trigger")
+    assert permit is not None
+    admitted = places(permit.window)
+    time.sleep(0.08)
+    limiter.release(permit)
+    moved = [b - a for a, b in zip(admitted, places(permit.window), strict=True)]
+    assert min(moved) >= 0.08 - 0.025 - 0.005, moved  # half of 50 ms absorbed, some timer leeway
 
     # A granted submit's place is the grant's, and moves the same way.
-    _fill(limiter, 9)
+    _fill(limiter, 8)
     token = _queue(limiter, "late")
     assert token is not None
     _free_window(limiter)
     assert _granted(limiter, token) == ["late"]
     granted, _, _ = limiter.admit("trigger", "interactive", "late", queue=True)
     assert granted is not None and granted.window == "grant:late"
-    before = limiter.redis.zscore(windows[0], "grant:late")
-    time.sleep(0.02)
+    before = places("grant:late")
+    time.sleep(0.08)
     limiter.release(granted)
-    after = limiter.redis.zscore(windows[0], "grant:late")
-    assert before is not None and after is not None and after > before
+    assert places("grant:late")[0] > before[0] + 0.04
 
     # A place that aged out of a window is not put back.
     permit, _ = limiter.acquire("trigger")
     assert permit is not None
     limiter.redis.delete(windows[0])
+    time.sleep(0.08)
     limiter.release(permit)
     assert limiter.redis.zscore(windows[0], permit.window) is None

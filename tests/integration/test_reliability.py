@@ -355,10 +355,10 @@ def test_producer_gets_an_explicit_error_while_redis_is_down(stack: Stack) -> No
 
 
 def test_upstream_5xx_is_retried_with_backoff_and_jobs_still_succeed(stack: Stack) -> None:
-    # Error waits from 0.5 s (0.5, 1, 2, 4 s): the upstream recovers seconds before the fifth refused
-    # submit would end the job, however slowly this test sees the third (0.2 s gave it 2.4 s, and a
-    # loaded run missed it once).
-    worker = stack.worker(GENQ_POLL_ERROR_BACKOFF="0.5")
+    # Error waits from 1 s (1, 2, 4, 8 s): the upstream recovers about 12 s before the fifth refused
+    # submit would end the job, however slowly this test sees the third (0.2 s gave it 2.4 s, and
+    # 0.5 s, 6 s, was missed by a run at load 5-8).
+    worker = stack.worker(GENQ_POLL_ERROR_BACKOFF="1.0")
     producer = stack.producer()
     # Submits under a 100 % 5xx rate: retried with growing waits, then the upstream recovers.
     stack.sim.configure(error_5xx_rate=1.0)

@@ -275,9 +275,10 @@ def _genqueue(
     sizes = _key_sizes(s, ids[-1])
 
     # Spread the next polls evenly over one cycle starting shortly, as in a steady state.
-    start = time.time() + ctx.size(1.5, 5.0)
+    lateness = _Lateness(s, ids)  # reads each job's poll count first
+    start = time.time() + ctx.size(1.5, 4.0)
     scheduled = {job_id: start + CYCLE * i / n for i, job_id in enumerate(ids)}
-    lateness = _Lateness(s, ids, scheduled)
+    lateness.scheduled = scheduled
     _schedule(s, scheduled)
     in_window = [j for j, at in scheduled.items() if at <= start + window]
     ctx.log(f"{NAME}: all {n:,} in flight; polling window {window:.0f}s ({len(in_window):,} polls due)")
@@ -330,10 +331,10 @@ class _Lateness:
     job is looked at from its scheduled time on until its poll count has grown, so a second poll (a
     cycle later, sooner by the jitter) is never taken for the first."""
 
-    def __init__(self, s: Stack, ids: list[str], scheduled: dict[str, float]) -> None:
+    def __init__(self, s: Stack, ids: list[str]) -> None:
         self.s = s
         self.ids = ids  # in scheduled order
-        self.scheduled = scheduled
+        self.scheduled: dict[str, float] = {}  # set before the first read
         pipe = s.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(f"genq:job:{job_id}", "polls")

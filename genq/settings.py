@@ -467,8 +467,8 @@ class WorkerSettings(_Group):
     """Seconds a finished job's record is kept."""
     sweep_interval: float = Field(2.0, gt=0)
     """Seconds between sweeps (beat): the sweeper dispatches held waits and re-drives stalled jobs. Also
-    its look-ahead: a held submit or poll due before the next sweep is sent by this one, as a countdown
-    to its due time (at most half of ``sweep_grace``)."""
+    its look-ahead: a held submit or poll (a model's train call or check) due before the next sweep is
+    sent by this one, as a countdown to its due time (at most half of ``sweep_grace``)."""
     sweep_grace: float = Field(30.0, gt=0)
     """Seconds past its due time before a job whose message never came is re-driven."""
     max_deliveries: int = Field(5, ge=1)

@@ -202,48 +202,74 @@ CLAIM_DUE = """
 -- ARGV[6], ARGV[7]: when the oldest submit message still waiting in the interactive and the batch
 -- lane's queue was sent ('' when none or unknown). A pending job whose submit was sent since is still
 -- in that queue, not lost: it is only pushed forward, so its waiting message stays the live one.
+-- ARGV[8]: the look-ahead, seconds ('' or absent: none; below the grace). A record in one of the
+-- listed states (a message chain: its claim starts a new generation) due before now + look-ahead is
+-- claimed already, so that its message can be sent with a countdown to its due time instead of waiting
+-- for the next sweep; any other record (and a workflow's) only once it is due. The push is counted
+-- from the due time when that is still ahead, so the grace runs from when the step is really due.
+-- Returns, per record claimed: id, state, generation, kind, lane, due score.
 local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
 local grace = tonumber(ARGV[3])
+local horizon = now + (tonumber(ARGV[8] or '') or 0)
 local bump = {}
 for s in string.gmatch(ARGV[5], '[^,]+') do bump[s] = true end
 local since = {interactive = tonumber(ARGV[6]), batch = tonumber(ARGV[7])}
 local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
-  local key = ARGV[4] .. id
-  local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind', 'lane')
-  local state = rec[1]
-  local queued = false
-  if state == 'pending' then
-    local oldest = since[rec[5] == 'batch' and 'batch' or 'interactive']
-    -- The margin covers the clocks: the record's is Redis's, the stamp the sender's wall clock.
-    queued = oldest ~= nil and tonumber(rec[3] or '0') + @MARGIN@ >= oldest
-  end
-  if not state then
-    redis.call('ZREM', KEYS[1], id)
-  elseif queued then
-    redis.call('ZADD', KEYS[1], now + grace, id)
-  else
-    local gen = tonumber(rec[2] or '0')
-    if bump[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
-    local idle = now - tonumber(rec[3] or now)
-    redis.call('ZADD', KEYS[1], now + math.max(grace, math.min(idle, 10 * grace)), id)
-    table.insert(out, id)
-    table.insert(out, state)
-    table.insert(out, tostring(gen))
-    table.insert(out, rec[4] or '')
-    table.insert(out, rec[5] or '')
+local claimed = 0
+-- Records not yet due that are not claimed early stay where they are, ahead of the rest in the range:
+-- the next page starts past them. Everything claimed moves past the horizon (pushed at least a grace).
+local skipped = 0
+local scanned = 0
+while claimed < limit and scanned < 10 * limit do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon, 'WITHSCORES', 'LIMIT', skipped,
+                          limit - claimed)
+  if #page == 0 then break end
+  for i = 1, #page, 2 do
+    local id = page[i]
+    local at = tonumber(page[i + 1])
+    local key = ARGV[4] .. id
+    local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind', 'lane')
+    local state = rec[1]
+    local base = math.max(now, at)
+    local queued = false
+    if state == 'pending' then
+      local oldest = since[rec[5] == 'batch' and 'batch' or 'interactive']
+      -- The margin covers the clocks: the record's is Redis's, the stamp the sender's wall clock.
+      queued = oldest ~= nil and tonumber(rec[3] or '0') + @MARGIN@ >= oldest
+    end
+    scanned = scanned + 1
+    if not state then
+      redis.call('ZREM', KEYS[1], id)
+    elseif at > now and (not bump[state] or rec[4] == '@WORKFLOW@') then
+      skipped = skipped + 1
+    elseif queued then
+      redis.call('ZADD', KEYS[1], base + grace, id)
+    else
+      local gen = tonumber(rec[2] or '0')
+      if bump[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
+      local idle = now - tonumber(rec[3] or now)
+      redis.call('ZADD', KEYS[1], base + math.max(grace, math.min(idle, 10 * grace)), id)
+      claimed = claimed + 1
+      table.insert(out, id)
+      table.insert(out, state)
+      table.insert(out, tostring(gen))
+      table.insert(out, rec[4] or '')
+      table.insert(out, rec[5] or '')
+      table.insert(out, page[i + 1])
+    end
   end
 end
 return out
 """
 
-CLAIM_FIELDS = 5
-"""Values CLAIM_DUE returns per claimed record: id, state, generation, kind, lane."""
+CLAIM_FIELDS = 6
+"""Values CLAIM_DUE returns per claimed record: id, state, generation, kind, lane, due score."""
 
 QUEUED_MARGIN = 2.0
 """Seconds of clock difference allowed between a record's ``updated_at`` (Redis's clock) and the
 ``genq_sent_at`` stamp of its message (the sender's wall clock) when telling whether it is still queued."""
-CLAIM_DUE = CLAIM_DUE.replace("@MARGIN@", repr(QUEUED_MARGIN))
+CLAIM_DUE = CLAIM_DUE.replace("@MARGIN@", repr(QUEUED_MARGIN)).replace("@WORKFLOW@", JobKind.WORKFLOW.value)
 
 
 class QueuedSince(NamedTuple):
@@ -329,14 +355,16 @@ class Created:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A job the sweeper claimed: its state and step generation as of the claim, its kind, and whether
-    it is in the batch lane."""
+    """A job the sweeper claimed: its state and step generation as of the claim, its kind, whether it
+    is in the batch lane, and when it is due (Unix time, the ledger's clock: a job claimed ahead of
+    time is due after the claim)."""
 
     id: str
     state: JobState
     gen: int
     kind: str
     batch: bool = False
+    due: float = 0.0
 
 
 CHAINED_STATES = frozenset({JobState.PENDING, *POLLING_STATES})
@@ -635,11 +663,19 @@ class Ledger:
         value = self.redis.get(keys.SWEEP_LAST)
         return None if value is None else float(as_text(value))
 
-    def claim_due(self, limit: int = 500, queued: QueuedSince = NOTHING_QUEUED) -> list[Claimed]:
+    def claim_due(
+        self, limit: int = 500, queued: QueuedSince = NOTHING_QUEUED, ahead: float = 0.0
+    ) -> list[Claimed]:
         """Jobs whose next step is due (or overdue: no message came); each is pushed forward, and a
         job waiting to be submitted or polled gets a new step generation (its old chain goes stale).
         A pending job whose submit was sent since ``queued`` (the oldest submit still waiting in its
-        lane's queue) is only pushed forward: its message is still in the queue."""
+        lane's queue) is only pushed forward: its message is still in the queue.
+
+        ``ahead`` (seconds) claims a job waiting to be submitted or polled (a chained state, not a
+        workflow) up to that long before it is due, so its message can be sent now with a countdown
+        to :attr:`Claimed.due`; other jobs are claimed only once due. It is kept below half the grace:
+        a claim pushes the entry at least a grace past its due time, out of the look-ahead."""
+        ahead = max(0.0, min(ahead, self.grace / 2))
         flat = self._claim(
             keys=[keys.DUE],
             args=[
@@ -650,6 +686,7 @@ class Ledger:
                 ",".join(s.value for s in CHAINED_STATES),
                 "" if queued.interactive is None else repr(queued.interactive),
                 "" if queued.batch is None else repr(queued.batch),
+                repr(ahead),
             ],
         )
         return [
@@ -659,6 +696,7 @@ class Ledger:
                 int(flat[i + 2]),
                 as_text(flat[i + 3]),
                 as_text(flat[i + 4]) == "batch",
+                float(as_text(flat[i + 5])),
             )
             for i in range(0, len(flat), CLAIM_FIELDS)
         ]

@@ -142,15 +142,31 @@ class ModelLedger:
         fields = {as_text(k): as_text(v) for k, v in raw.items()}
         return ModelRecord.from_hash(fields, [as_text(h) for h in hist], int(parked))
 
-    def claim_due(self, limit: int = 100) -> list[tuple[str, ModelState, int]]:
-        """Models whose next step is due, as ``(id, state, poll_gen)`` (see ``Ledger.claim_due``): the
-        claim starts a new step generation, so the train or check message it leads to is the only live one."""
+    def claim_due(self, limit: int = 100, ahead: float = 0.0) -> list[tuple[str, ModelState, int, float]]:
+        """Models whose next step is due, as ``(id, state, poll_gen, due)`` (see ``Ledger.claim_due``):
+        the claim starts a new step generation, so the train or check message it leads to is the only
+        live one. With ``ahead`` (seconds, kept below half the grace), a model due within it is claimed
+        already, its message to be sent with a countdown to ``due``."""
         flat = self._claim(
             keys=[keys.MODELS_DUE],
-            args=[self.clock(), limit, self.grace, keys.MODEL_PREFIX, "requested,training"],
+            args=[
+                self.clock(),
+                limit,
+                self.grace,
+                keys.MODEL_PREFIX,
+                "requested,training",
+                "",
+                "",
+                repr(max(0.0, min(ahead, self.grace / 2))),
+            ],
         )
         return [
-            (as_text(flat[i]), ModelState(as_text(flat[i + 1])), int(flat[i + 2]))
+            (
+                as_text(flat[i]),
+                ModelState(as_text(flat[i + 1])),
+                int(flat[i + 2]),
+                float(as_text(flat[i + 5])),
+            )
             for i in range(0, len(flat), CLAIM_FIELDS)
         ]
 

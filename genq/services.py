@@ -169,7 +169,9 @@ class Services:
         models = ModelLedger(client, grace=settings.worker.sweep_grace, clock=clock)
         training = TrainingService(settings, models, api, jobs, clock, rng)
         broker = client if settings.redis.broker_url is None else broker_redis_client(settings)
-        sweeper = Sweeper(ledger, models, jobs, clock, SubmitBacklog(broker))
+        sweeper = Sweeper(
+            ledger, models, jobs, clock, SubmitBacklog(broker), ahead=settings.worker.sweep_interval
+        )
         receivers = guarded_session(callback_policy(settings))
         callbacks = CallbackService(settings, ledger, receivers, clock, rng)
         turns = turn_queue(limiter, settings)

@@ -5,6 +5,13 @@ a job whose message never came, because a worker died holding it or it was lost 
 are "due", differing only by the grace period the ledger added when it recorded the wait. Re-driving
 is always safe: every step checks the ledger first, and a polled job gets a new poll generation in
 the same atomic claim, so at most one poll chain per job stays live.
+
+A held wait would be late by up to one sweep interval if it were sent only by the first sweep after
+its time: the sweeper looks ahead instead (``ahead``, one sweep interval as the services set it). A
+job waiting to be submitted or polled (a model to be trained or checked) that falls due before the
+next sweep is claimed now and its message sent with a countdown to its due time, so a worker's ETA
+runs it on time. Such countdowns are never longer than the look-ahead: workers still hold no long
+waits. The claim's new generation makes any other message of the job stale, early or not.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class Sweeper:
     clock: Callable[[], float]
     backlog: Callable[[], QueuedSince] = QueuedSince
     """How far behind the submit queue is (:class:`genq.backlog.SubmitBacklog`); by default unknown."""
+    ahead: float = 0.0
+    """Seconds of look-ahead: a job to submit or poll (a model to train or check) due within it is
+    claimed now and sent with a countdown to its due time (see :meth:`genq.ledger.Ledger.claim_due`);
+    0 sends only what is due."""
 
     def sweep(
         self, batch: int = 500, max_batches: int = 20, min_gap: float = 0.0
@@ -51,19 +62,24 @@ class Sweeper:
         if min_gap > 0 and not self.ledger.begin_sweep(min_gap):
             return actions, seen
         queued = self.backlog()
+        early = 0
         for _ in range(max_batches):
-            claimed = self.ledger.claim_due(batch, queued)
+            claimed = self.ledger.claim_due(batch, queued, self.ahead)
+            now = self.clock()
             for job in claimed:
                 seen[job.state.value] += 1
+                early += job.due > now
                 actions += self._drive_job(job)
             if len(claimed) < batch:
                 break
-        for model_id, model_state, gen in self.models.claim_due(batch):
+        now = self.clock()
+        for model_id, model_state, gen, due in self.models.claim_due(batch, self.ahead):
             seen[f"model:{model_state.value}"] += 1
+            early += due > now
             if model_state is ModelState.REQUESTED:
-                actions.append(TrainLater(model_id, 0.0, gen))
+                actions.append(TrainLater(model_id, max(0.0, due - now), gen))
             elif model_state is ModelState.TRAINING:
-                actions.append(PollModelLater(model_id, gen, 0.0))
+                actions.append(PollModelLater(model_id, gen, max(0.0, due - now)))
         for job_id in self.ledger.claim_callbacks(batch):
             seen["callback"] += 1
             actions.append(Notify(job_id))
@@ -73,7 +89,8 @@ class Sweeper:
             seen["expired"] += trimmed
         self.ledger.mark_swept()
         if seen:
-            log.info("sweep: %s", dict(seen))
+            ahead = f" ({early} before they are due, as countdowns to it)" if early else ""
+            log.info("sweep: %s%s", dict(seen), ahead)
         return actions, seen
 
     def _drive_job(self, job: Claimed) -> list[Action]:
@@ -81,14 +98,16 @@ class Sweeper:
             # Checked before the states: a running workflow is not a polled job.
             rec = self.ledger.get(job.id)
             return self.jobs.workflows.resume(rec) if rec is not None else []
+        # Claimed ahead of its time (a held wait due before the next sweep): a countdown to it.
+        wait = max(0.0, job.due - self.clock())
         if job.state is JobState.PENDING:
-            return [SubmitLater(job.id, 0.0, job.gen, job.batch)]
+            return [SubmitLater(job.id, wait, job.gen, job.batch)]
         if job.state is JobState.SUBMITTING:
             # Due only once its submit window has passed: the POST's worker died. It ends
             # submit_unknown rather than paying twice (or goes back to pending, if at-least-once).
             return self.jobs.settle_stalled_submit(job.id)
         if job.state in POLLING_STATES:
-            return [PollLater(job.id, job.gen, 0.0, job.batch)]
+            return [PollLater(job.id, job.gen, wait, job.batch)]
         rec = self.ledger.get(job.id)
         if rec is None:
             return []

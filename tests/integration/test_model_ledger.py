@@ -161,10 +161,25 @@ def test_claim_due_bumps_the_generation_and_pushes_the_claim_forward(steps: Step
     steps.clock.advance(GRACE)
     claimed = sorted(steps.models.claim_due())
 
-    assert claimed == [("m1", ModelState.REQUESTED, 2), ("m2", ModelState.TRAINING, 6)]
+    assert claimed == [
+        ("m1", ModelState.REQUESTED, 2, START + GRACE),
+        ("m2", ModelState.TRAINING, 6, START + GRACE),
+    ]
     assert (steps.model("m1").poll_gen, steps.model("m2").poll_gen, steps.model("m3").poll_gen) == (2, 6, 1)
     assert steps.model_due("m1") == START + 2 * GRACE
     assert steps.models.claim_due() == []  # pushed forward: the next sweep does not claim them again
+
+
+def test_a_model_check_due_within_the_look_ahead_is_claimed_with_its_due_time(steps: Steps) -> None:
+    _request(steps, "m1")
+    _to(steps, ModelState.TRAINING, "m1", poll_gen=5, due_at=START + 300, held=True)
+    steps.clock.now = START + 298.5
+    assert steps.models.claim_due() == []
+
+    assert steps.models.claim_due(ahead=2.0) == [("m1", ModelState.TRAINING, 6, START + 300)]
+    due = steps.model_due("m1")
+    assert due is not None and due >= START + 300 + GRACE  # the grace runs from the due time
+    assert steps.models.claim_due(ahead=2.0) == []
 
 
 def test_claim_due_drops_a_model_whose_record_is_gone(steps: Steps) -> None:

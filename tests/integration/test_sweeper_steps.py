@@ -124,6 +124,110 @@ def test_a_held_poll_is_dispatched_right_when_due_not_a_grace_later(steps: Steps
     assert steps.sweeper.sweep()[0] == [PollLater("j1", 3, 0.0)]
 
 
+def _held_poll(s: Steps, job_id: str, due: float, gen: int = 2) -> None:
+    s.image(job_id)
+    s.ledger.transition(
+        job_id, [JobState.PENDING], JobState.RUNNING, upstream_id="up1", poll_gen=gen, due_at=due, held=True
+    )
+
+
+def test_a_held_poll_due_before_the_next_sweep_is_sent_now_with_a_countdown_to_it(steps: Steps) -> None:
+    steps.sweeper.ahead = 2.0  # the services' sweeper looks one sweep interval ahead
+    _held_poll(steps, "j1", START + 90)
+    steps.clock.now = START + 87.5
+    assert steps.sweeper.sweep()[0] == []  # due after the next sweep: that one sends it
+
+    steps.clock.now = START + 89
+
+    actions, seen = steps.sweeper.sweep()
+
+    # The worker's countdown runs it at its due time, not the first sweep after it (a second late).
+    assert actions == [PollLater("j1", 3, 1.0)] and seen == Counter({"running": 1})
+    assert steps.job("j1").poll_gen == 3  # one live chain: any other message of the job is stale now
+    assert steps.jobs.poll("j1", 2) == []
+    # The re-drive, if this message is lost, is counted from the due time, not from the claim.
+    due = steps.due("j1")
+    assert due is not None and due >= START + 90 + GRACE
+    # The next sweeps (due time reached, passed) do not send it again.
+    for now in (START + 89.5, START + 90, START + 91):
+        steps.clock.now = now
+        assert steps.sweeper.sweep()[0] == []
+
+
+def test_a_claim_returns_each_jobs_due_score(steps: Steps) -> None:
+    _held_poll(steps, "early", START + 101)
+    _held_poll(steps, "late", START + 50)
+    steps.clock.now = START + 100
+
+    claimed = steps.ledger.claim_due(ahead=2.0)
+
+    assert [(c.id, c.state, c.gen, c.due) for c in claimed] == [
+        ("late", JobState.RUNNING, 3, START + 50),
+        ("early", JobState.RUNNING, 3, START + 101),
+    ]
+    steps.clock.now = START + 200
+    _held_poll(steps, "overdue", START + 150)
+    # Overdue (and the two above, claimed again): no countdown, as without the look-ahead.
+    assert PollLater("overdue", 3, 0.0) in steps.sweeper.sweep()[0]
+
+
+def test_a_held_submit_retry_due_before_the_next_sweep_gets_a_countdown(steps: Steps) -> None:
+    steps.sweeper.ahead = 2.0
+    steps.image("j1")
+    steps.ledger.transition("j1", [JobState.PENDING], JobState.PENDING, due_at=START + 120, held=True)
+    steps.clock.now = START + 118.5
+
+    assert steps.sweeper.sweep()[0] == [SubmitLater("j1", 1.5, 1)]
+    assert steps.job("j1").poll_gen == 1
+
+
+def test_only_chained_states_are_claimed_before_they_are_due(steps: Steps) -> None:
+    """A job submitting, downloading or parked, and a workflow, are claimed only once due: early,
+    their step would run before its time (a POST window not over, a download still running)."""
+    steps.sweeper.ahead = 2.0
+    steps.image("sub")
+    steps.ledger.transition("sub", [JobState.PENDING], JobState.SUBMITTING, due_at=START + 10, held=True)
+    _downloading(steps, have=[], outputs=1)
+    steps.ledger.transition("j1", [JobState.DOWNLOADING], JobState.DOWNLOADING, due_at=START + 10, held=True)
+    made = accept(steps.ledger, _workflow_request(), job_id="w1")
+    (step_id,) = made.to_submit
+    steps.ledger.transition(
+        step_id, [JobState.PENDING], JobState.RUNNING, upstream_id="u", due_at=START + 1e6
+    )
+    steps.ledger.transition("w1", [JobState.RUNNING], JobState.RUNNING, due_at=START + 10, held=True)
+    steps.clock.now = START + 9
+
+    assert steps.ledger.claim_due(ahead=2.0) == []
+    assert steps.due("sub") == START + 10 and steps.due("j1") == START + 10 and steps.due("w1") == START + 10
+
+    steps.clock.now = START + 10
+    assert {c.id for c in steps.ledger.claim_due(ahead=2.0)} == {"sub", "j1", "w1"}
+
+
+def test_jobs_not_claimed_early_do_not_hide_polls_behind_them(steps: Steps) -> None:
+    """The look-ahead pages past what it leaves in place: a batch full of jobs not due yet still
+    reaches the held polls due after them."""
+    for i in range(5):
+        steps.image(f"sub{i}")
+        steps.ledger.transition(
+            f"sub{i}", [JobState.PENDING], JobState.SUBMITTING, due_at=START + 10 + i / 10, held=True
+        )
+    _held_poll(steps, "p1", START + 11)
+    steps.clock.now = START + 9.5
+
+    claimed = steps.ledger.claim_due(limit=3, ahead=2.0)
+
+    assert [c.id for c in claimed] == ["p1"]
+
+
+def test_the_look_ahead_stays_below_half_the_grace(steps: Steps) -> None:
+    _held_poll(steps, "j1", START + 100)
+    steps.clock.now = START + 100 - GRACE / 2 - 1
+    assert steps.ledger.claim_due(ahead=10 * GRACE) == []
+    steps.clock.now = START + 100 - GRACE / 2
+    assert [c.id for c in steps.ledger.claim_due(ahead=10 * GRACE)] == ["j1"]
+
+
 def _downloading(s: Steps, have: list[int], outputs: int = 3) -> None:
     s.image("j1", outputs=outputs)
     s.ledger.set_urls("j1", {i: f"https://files.test/{i}.png" for i in range(outputs)})
@@ -271,6 +375,19 @@ def test_models_requested_and_training_get_train_and_check_messages(steps: Steps
     )
     assert seen == Counter({"model:requested": 1, "model:training": 1})
     assert (steps.model("m1").poll_gen, steps.model("m2").poll_gen) == (2, 7)
+
+
+def test_a_held_model_check_due_before_the_next_sweep_is_sent_with_a_countdown(steps: Steps) -> None:
+    steps.sweeper.ahead = 2.0
+    steps.models.request("m1", deadline=MODEL_DEADLINE)
+    steps.models.transition(
+        "m1", [ModelState.REQUESTED], ModelState.TRAINING, poll_gen=6, due_at=START + 300, held=True
+    )
+    steps.clock.now = START + 298.5
+
+    assert steps.sweeper.sweep()[0] == [PollModelLater("m1", 7, 1.5)]
+    steps.clock.now = START + 300
+    assert steps.sweeper.sweep()[0] == []
 
 
 def test_a_due_callback_gets_a_notify(steps: Steps) -> None:

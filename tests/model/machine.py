@@ -43,7 +43,9 @@ Environment knobs (all optional):
                       ``backlog`` (the sweeper sees no submit queue), ``admission`` (no rate limit:
                       no ``queued`` answer, no admission queue), ``losequeue`` (its loss is not
                       modelled), ``intakequeue`` (a new job is always sent, never queued at
-                      intake behind its lane), or a job kind (``workflow``, ``video``...).
+                      intake behind its lane), ``lookahead`` (the sweeper sends only what is due:
+                      no claim ahead of time, no countdown to a due time), or a job kind
+                      (``workflow``, ``video``...).
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ SKIP = _csv("GENQ_MODEL_SKIP")
 OFF = _csv("GENQ_MODEL_OFF")
 KINDS = [k for k in ("image", "video", "upscale", "workflow") if k not in OFF]
 ADMISSION = "admission" not in OFF
+AHEAD = 0.0 if "lookahead" in OFF else 2.0
+"""The sweeper's look-ahead (seconds; the services give it one sweep interval): a job to submit or
+poll (a model to train or check) due within it is claimed early and sent with a countdown to its due
+time."""
 ANSWERS = tuple(o for o in OUTCOMES if ADMISSION or o != "queued")
 ADMISSION_LIMITS = Limits(rates={"trigger": 1e6})
 """A million calls per 1.05 s: the real windows never fill in real time, so every tick grants all
@@ -160,6 +166,7 @@ class Stats:
     outcomes: Counter[str] = field(default_factory=Counter)
     end_states: Counter[str] = field(default_factory=Counter)
     admission: Counter[str] = field(default_factory=Counter)
+    ahead: int = 0  # submits and polls the sweeper sent before their due time (a countdown to it)
 
 
 STATS = Stats()
@@ -228,7 +235,7 @@ class GenqMachine(RuleBasedStateMachine):
             rng,
         )
         backlog = QueuedSince if "backlog" in OFF else self._backlog
-        self.sweeper = Sweeper(self.ledger, self.models, self.jobs, self.clock, backlog)
+        self.sweeper = Sweeper(self.ledger, self.models, self.jobs, self.clock, backlog, ahead=AHEAD)
         self.callbacks = CallbackService(w.settings, self.ledger, file_session(self.files), self.clock, rng)
         self.sink = CallbackSink(self.clock)
         self.msgs: list[Msg] = []
@@ -707,10 +714,20 @@ class GenqMachine(RuleBasedStateMachine):
 
         def go() -> None:
             actions, _ = self.sweeper.sweep()
+            self._check_swept(actions)
             self._enqueue(actions)
             self.swept_expired |= self.expired  # each sweep trims what had expired by then
 
         self._step("sweep", go)
+
+    def _check_swept(self, actions: list[Action]) -> None:
+        """I13: a poll (of a job or a model) the sweeper sends waits at most the look-ahead: a held
+        wait stays in Redis until then, never a long countdown in a worker."""
+        chains = PollLater | SubmitLater | PollModelLater | TrainLater
+        STATS.ahead += sum(1 for a in actions if isinstance(a, chains) and a.delay > 0)
+        for a in actions:
+            if isinstance(a, PollLater | PollModelLater) and a.delay > AHEAD and "I13" not in self.skip:
+                self.fail("I13 short sweep countdowns", f"{show(a)} waits past the look-ahead ({AHEAD} s)")
 
     @rule(seconds=st.sampled_from([0.5, 2.0, 6.0, 20.0, 90.0, 700.0, 4000.0]))
     def tick(self, seconds: float) -> None:
@@ -783,6 +800,7 @@ class GenqMachine(RuleBasedStateMachine):
                 self._deliver(m)
             self._log("sweep")
             actions, _ = self.sweeper.sweep()
+            self._check_swept(actions)
             self._enqueue(actions)
             if self.msgs and self.msgs[0].eta <= self.clock.now:
                 continue

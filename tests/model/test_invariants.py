@@ -154,7 +154,8 @@ def explore(
             f"{STATS.steps - before[1]} steps, {STATS.deliveries} deliveries "
             f"(+{STATS.quiesce_deliveries} in quiesce), {STATS.jobs} jobs in "
             f"{time.monotonic() - started:.1f}s; answers {dict(STATS.outcomes)}; "
-            f"end states {dict(STATS.end_states)}; admission queue {dict(STATS.admission)}"
+            f"end states {dict(STATS.end_states)}; admission queue {dict(STATS.admission)}; "
+            f"sent ahead by the sweeper {STATS.ahead}"
         )
         with capsys.disabled():
             print("\n" + line)

@@ -130,6 +130,7 @@ class UpstreamClient:
             permit, wait, queued = self.limiter.admit(family, lane, caller, queue)
             if permit is None:
                 raise Throttled(f"{what}: held back by the shared rate limit", wait, queued)
+            self.limiter.sent(permit)
         limit = wallclock.Limit(sum(self.timeout))
         try:
             with limit:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -377,18 +378,12 @@ def _script(*parts: str) -> str:
     return "".join(parts).replace("@RECENT@", str(RECENT)).replace("@TICK_TTL_MS@", str(TICK_TTL_MS))
 
 
-_RELEASE = """
--- KEYS: semaphore, family window, total window. ARGV: token, the call's member in the windows, '1' to
--- free its concurrency slot, then per window the lateness its slack absorbs (seconds).
--- A call answered later than that after its place was taken moves its place to now minus it.
+_SENT = """
+-- KEYS: family window, total window. ARGV: the call's member in the windows.
+-- Moves the call's place in the windows to now, the time it is sent (if it is still there).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-if ARGV[3] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
-for i = 2, 3 do
-  local at = redis.call('ZSCORE', KEYS[i], ARGV[2])
-  local late = now - tonumber(ARGV[i + 2])
-  if at and late > tonumber(at) then redis.call('ZADD', KEYS[i], late, ARGV[2]) end
-end
+for i = 1, 2 do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[1]) end
 return 1
 """
 
@@ -466,13 +461,15 @@ class Tick:
 
 @dataclass(frozen=True)
 class Permit:
-    """An admitted call; release it when the call is done (frees its concurrency slot, and moves its
-    place in the rate windows to when it was answered)."""
+    """An admitted call; say when it is :meth:`~UpstreamLimiter.sent`, and release it when it is done
+    (frees its concurrency slot)."""
 
     token: str
     window: str = ""
     """Its member in the rate windows ('' when no rate applied)."""
     family: str = ""
+    since: float = 0.0
+    """``time.monotonic()`` before its admission was asked."""
 
 
 class UpstreamLimiter:
@@ -487,7 +484,7 @@ class UpstreamLimiter:
         self._rearm = client.register_script(_script(_REARM))
         self._weights = json.dumps(dict(limits.weights)) if limits.weights else "{}"
         self._block = client.register_script(_BLOCK)
-        self._release = client.register_script(_RELEASE)
+        self._sent = client.register_script(_SENT)
 
     def acquire(self, family: str, lane: str = "", caller: str = "") -> tuple[Permit | None, float]:
         """``(permit, 0)`` when the call may go now, else ``(None, seconds to wait)``.
@@ -507,7 +504,7 @@ class UpstreamLimiter:
         """:meth:`acquire`, and for a submit (``queue``, with its job id as ``caller``) the admission
         queue: it goes with a turn the tick granted, or when nothing is queued ahead of it and the
         window has room; otherwise the third value says to :meth:`park` it rather than retry."""
-        token = uuid.uuid4().hex
+        token, since = uuid.uuid4().hex, time.monotonic()
         queue = queue and bool(caller) and self.queues(family)
         if not self._limited(family):
             # Only the 429 closure applies. Its key lives exactly its closed period plus a second
@@ -549,7 +546,7 @@ class UpstreamLimiter:
         )
         if ok:
             window = as_text(queued[0]) if queued and self.queues(family) else ""
-            return Permit(token, window, family), 0.0, False
+            return Permit(token, window, family, since), 0.0, False
         return None, max(0.001, float(wait)), bool(queued) and as_text(queued[0]) == "1"
 
     def waiting_ahead(self, family: str, lane: str) -> float | None:
@@ -641,24 +638,23 @@ class UpstreamLimiter:
         limits = self.limits
         return bool(limits.rates.get(family, 0) or limits.total_rate or limits.max_concurrent > 0)
 
+    def sent(self, permit: Permit) -> None:
+        """The call is about to be sent. The windows' slack (``window_slack``) absorbs the time from
+        admission to arrival upstream; a worker starved of CPU after its admission can take longer,
+        and a call admitted a window later could then reach the upstream within a second of this one.
+        So when more than half the slack has passed, the call's place moves to now. Timed on this
+        host's clock from before the admission was asked: no Redis call in the usual case."""
+        if permit.window and time.monotonic() - permit.since > self._absorbs(permit.family):
+            self._sent(keys=_opening_keys(permit.family)[1:], args=[permit.window])
+
+    def _absorbs(self, family: str) -> float:
+        """Half the slack of the shortest window that applies to ``family``, in seconds."""
+        slack = self.limits.window_slack - 1
+        rates = [r for r in (self.limits.rates.get(family, 0), self.limits.total_rate) if r]
+        return min((math.ceil(r) / r * slack / 2 for r in rates), default=0.0)
+
     def release(self, permit: Permit) -> None:
-        """The call is done. The upstream counted it on arrival, which may be well after it was
-        admitted (a worker starved of CPU between the two, a slow connect): more than the windows'
-        slack (``window_slack``) absorbs, and a call admitted a window after this one could reach the
-        upstream within a second of it. So a call answered later than half its window's slack after
-        its admission moves its place to its answer's time less that half (its arrival was before the
-        answer). One answered in time keeps its place: the rate stays whole."""
-        if permit.window:
-            slack = self.limits.window_slack - 1
-            absorbs = [
-                math.ceil(rate) / rate * slack / 2 if rate else 0.0
-                for rate in (self.limits.rates.get(permit.family, 0), self.limits.total_rate)
-            ]
-            self._release(
-                keys=[keys.LIMIT_SEMAPHORE, *_opening_keys(permit.family)[1:]],
-                args=[permit.token, permit.window, "1" if self.limits.max_concurrent > 0 else "", *absorbs],
-            )
-        elif self.limits.max_concurrent > 0:
+        if self.limits.max_concurrent > 0:
             self.redis.zrem(keys.LIMIT_SEMAPHORE, permit.token)
 
     def block(self, seconds: float) -> None:

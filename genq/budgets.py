@@ -1,7 +1,9 @@
 """Spend budgets and in-flight quotas per producer app, and over all of them. Plain Python, no Celery.
 
-Every paid trigger is charged to four fixed UTC windows: its producer's hour and day, and the total's
-hour and day (:func:`genq.keys.spend`). The charge is made, and every cap checked, inside the ledger's
+Every paid trigger is charged to fixed UTC windows (:func:`genq.keys.spend`): its producer's hour and
+day, and the total's hour or day while a total cap is set for that period (with none, the total is the
+sum of the producers' windows, and charging it would cost every submit Redis commands for nothing).
+The charge is made, and every cap checked, inside the ledger's
 ``pending -> submitting`` compare-and-set (:meth:`genq.ledger.Ledger.transition` with a plan from
 :meth:`BudgetBook.plan`), so no number of concurrent submits can pass a cap. A POST the upstream surely
 did not act on (a 4xx, a 429, a refused connection, our own limiter) is refunded when the job leaves
@@ -55,6 +57,10 @@ def window_start(now: float, period: str) -> int:
     return int(now // length) * length
 
 
+def _capped(caps: BudgetCaps, period: str) -> bool:
+    return any(getattr(caps, _CAP_FIELDS[(period, what)]) is not None for what in ("t", "c"))
+
+
 def scope_name(scope: str) -> str:
     return "total" if scope == keys.TOTAL_SCOPE else f"producer {scope}"
 
@@ -67,15 +73,21 @@ class Plan:
     cost: float
     checks: list[tuple[str, str, float, float, str, int]] = field(default_factory=list)
     """``(key, field, cap, amount, name, window end)``: ``field`` is ``t`` (triggers) or ``c`` (cost)."""
-    charge: list[tuple[str, float, int]] = field(default_factory=list)
-    """``(key, cost, ttl)``: every window the trigger is counted in, capped or not."""
+    charge: list[tuple[str, float, int, int]] = field(default_factory=list)
+    """``(key, cost, ttl, tracked)``: every window the trigger is counted in, capped or not; ``tracked``
+    is 1 where a cost cap is checked, so the window also keeps the cost of POSTs still unanswered."""
     quota: tuple[str, int, str] | None = None
     """``(key, max in flight, name)``."""
+    seed: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """``(key, producer key prefix, suffix, ttl)``: a total window to start from the sum of the
+    producers' windows of the same period and start, if it does not exist yet."""
 
     def to_json(self) -> str:
         plan: dict[str, Any] = {"producer": self.producer, "checks": self.checks, "charge": self.charge}
         if self.quota is not None:
             plan["quota"] = self.quota
+        if self.seed:
+            plan["seed"] = self.seed
         return json.dumps(plan, separators=(",", ":"))
 
 
@@ -139,13 +151,19 @@ class BudgetBook:
         cost = cost_of(rec.kind, rec.request, self.settings.costs)
         policy = self.settings.policy(rec.producer)
         checks: list[tuple[str, str, float, float, str, int]] = []
-        charge: list[tuple[str, float, int]] = []
+        charge: list[tuple[str, float, int, int]] = []
+        seed: list[tuple[str, str, str, int]] = []
         for scope, caps in ((rec.producer, policy), (keys.TOTAL_SCOPE, self.settings.total)):
             for period, length in PERIODS.items():
+                if scope == keys.TOTAL_SCOPE and not _capped(caps, period):
+                    continue
                 start = window_start(now, period)
                 key = keys.spend(scope, period, start)
+                if scope == keys.TOTAL_SCOPE:
+                    seed.append((key, keys.SPEND_PREFIX, f":{period}:{start}", 2 * length))
+                cost_capped = getattr(caps, _CAP_FIELDS[(period, "c")]) is not None
                 # Kept a window past its end, so `genq budgets` still shows the last one.
-                charge.append((key, cost, 2 * length))
+                charge.append((key, cost, 2 * length, int(cost_capped)))
                 for what, amount in (("t", 1.0), ("c", cost)):
                     name = _CAP_FIELDS[(period, what)]
                     cap = getattr(caps, name)
@@ -156,7 +174,7 @@ class BudgetBook:
         if policy.max_in_flight is not None:
             label = f"producer {rec.producer} max_in_flight={policy.max_in_flight}"
             quota = (keys.inflight(rec.producer), policy.max_in_flight, label)
-        return Plan(rec.producer, cost, checks, charge, quota)
+        return Plan(rec.producer, cost, checks, charge, quota, seed)
 
     def producers(self) -> list[str]:
         """Producers named in the settings or ever charged, sorted."""
@@ -168,8 +186,7 @@ class BudgetBook:
         lines = []
         for period, length in PERIODS.items():
             start = window_start(now, period)
-            raw = self.redis.hgetall(keys.spend(scope, period, start))
-            data = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+            data = self._spent(scope, period, start)
             triggers, cost = round(data.get("t", 0)), round(data.get("c", 0.0), 6)
             t_cap = getattr(caps, _CAP_FIELDS[(period, "t")])
             c_cap = getattr(caps, _CAP_FIELDS[(period, "c")])
@@ -189,6 +206,21 @@ class BudgetBook:
                 )
             )
         return lines
+
+    def _spent(self, scope: str, period: str, start: int) -> dict[str, float]:
+        """One window's fields; the total's, where it is not kept (no total cap), added up."""
+        raw = self.redis.hgetall(keys.spend(scope, period, start))
+        if not raw and scope == keys.TOTAL_SCOPE:
+            pipe = self.redis.pipeline(transaction=False)
+            for producer in self.producers():
+                pipe.hgetall(keys.spend(producer, period, start))
+            summed: dict[str, float] = {}
+            for window in pipe.execute():
+                for k, v in window.items():
+                    name = k.decode() if isinstance(k, bytes) else k
+                    summed[name] = summed.get(name, 0.0) + float(v)
+            return summed
+        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
     def usage(self, producer: str, now: float) -> ProducerUsage:
         policy = self.settings.policy(producer)

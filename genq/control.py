@@ -21,8 +21,6 @@ def cancel(ledger: Ledger, job_id: str) -> bool:
     moved = ledger.transition(job_id, live, JobState.CANCELLED, error="cancelled by request")
     for child in rec.children:
         ledger.transition(child, live, JobState.CANCELLED, error=f"workflow {job_id} cancelled")
-    if moved.ok:
-        ledger.drop_urls(job_id)
     return moved.ok
 
 

@@ -20,7 +20,7 @@ import redis
 import requests
 
 from genq import downloads, retry
-from genq.actions import Action, Admit, Download, Finalize, Notify, PollLater, SubmitLater
+from genq.actions import Action, Admit, Download, Notify, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.budgets import BudgetBook
 from genq.durations import PollPlanner
@@ -474,7 +474,7 @@ class JobService:
         if rec is None or rec.state is not JobState.DOWNLOADING:
             return []
         if any(out.index == index for out in rec.outputs):
-            return [Finalize(job_id)] if len(rec.outputs) >= rec.expected_outputs else []
+            return self.finalize(job_id) if len(rec.outputs) >= rec.expected_outputs else []
         url = self.ledger.get_url(job_id, index)
         if url is None:
             return self._end(rec, JobState.FAILED, [JobState.DOWNLOADING], f"output {index}: no URL recorded")
@@ -519,7 +519,10 @@ class JobService:
         remaining = self.ledger.record_output(job_id, output)
         if remaining >= 0 and self.recorder is not None:
             self.recorder.download(got.bytes)
-        return [Finalize(job_id)] if remaining == 0 else []
+        # The last output finalizes the job in this same task: a task of its own would cost a broker
+        # round trip and a worker slot for a record read and one ledger step. The Finalize task is
+        # left for the sweeper, for a job whose last download ended before it could finalize.
+        return self.finalize(job_id) if remaining == 0 else []
 
     def _download_retry(self, rec: JobRecord, index: int, tries: int, exc: TransientError) -> list[Action]:
         verdict = retry.after(
@@ -549,7 +552,6 @@ class JobService:
         moved = self.ledger.transition(job_id, [JobState.DOWNLOADING], JobState.SUCCEEDED, error=None)
         if not moved.ok:
             return []
-        self.ledger.drop_urls(job_id)
         log.info("job %s succeeded with %d files", job_id, len(rec.outputs))
         return self._ended(rec, JobState.SUCCEEDED, None)
 
@@ -587,7 +589,6 @@ class JobService:
         if not moved.ok:
             return []
         log.warning("job %s %s: %s", rec.id, to.value, reason)
-        self.ledger.drop_urls(rec.id)
         for leftover in (self.settings.download.dir / rec.id).glob(".*.part"):
             leftover.unlink(missing_ok=True)  # kept for resuming; no use once the job has ended
         return self._ended(rec, to, reason)

@@ -135,9 +135,10 @@ PRODUCERS = f"{PREFIX}:producers"
 
 
 def spend(scope: str, period: str, start: int) -> str:
-    """Hash: paid triggers of one producer (``*``: all) in one budget window: ``t`` triggers and ``c``
-    cost units charged, ``pt``/``pc`` the part whose POST has not been answered yet. ``period`` is
-    ``h`` or ``d``, ``start`` the window's start (Unix seconds); expires a while after the window."""
+    """Hash: paid triggers of one producer (``*``: all, kept only while a total cap is set) in one
+    budget window: ``t`` triggers and ``c`` cost units charged, ``pt``/``pc`` the part whose POST has not
+    been answered yet (``pc`` only where a cost cap is set). ``period`` is ``h`` or ``d``, ``start`` the
+    window's start (Unix seconds); expires a while after the window."""
     return f"{SPEND_PREFIX}{scope}:{period}:{start}"
 
 

@@ -52,6 +52,21 @@ if ARGV[10] ~= '' then
   -- The budgets are checked and charged in the same step as the claim on the POST, so no number of
   -- concurrent submits can pass a cap. Checks: {key, field, cap, add, name, window end}.
   local plan = cjson.decode(ARGV[10])
+  -- The total's window of a period is kept only while a total cap is set for it (a report adds up
+  -- the producers' windows otherwise). Kept from the middle of a window (a cap just set), it starts
+  -- from what the producers' windows hold, so a cap set at noon counts the morning's spend too.
+  for _, w in ipairs(plan.seed or {}) do
+    if redis.call('EXISTS', w[1]) == 0 then
+      local t, c = 0, 0
+      for _, p in ipairs(redis.call('SMEMBERS', '@PRODUCERS@')) do
+        local got = redis.call('HMGET', w[2] .. p .. w[3], 't', 'c')
+        t = t + tonumber(got[1] or '0')
+        c = c + tonumber(got[2] or '0')
+      end
+      redis.call('HSET', w[1], 't', t, 'c', c)
+      redis.call('EXPIRE', w[1], w[4])
+    end
+  end
   for _, c in ipairs(plan.checks) do
     local used = tonumber(redis.call('HGET', c[1], c[2]) or '0')
     if used + c[4] > c[3] + 1e-9 then
@@ -65,17 +80,21 @@ if ARGV[10] ~= '' then
   if q and redis.call('SCARD', q[1]) >= q[2] and redis.call('SISMEMBER', q[1], ARGV[1]) == 0 then
     return {0, cur, 'quota', q[3], '0'}
   end
+  -- Charge: {key, cost, ttl, pending cost tracked}. Every submit pays for these commands, so each
+  -- is made only where it counts: the TTL and the producer's name once per window, the cost when
+  -- there is one, the unanswered cost only where a cost cap may have to wait for it.
   for _, e in ipairs(plan.charge) do
-    redis.call('HINCRBY', e[1], 't', 1)
+    if redis.call('HINCRBY', e[1], 't', 1) == 1 then
+      redis.call('EXPIRE', e[1], e[3])
+      redis.call('SADD', '@PRODUCERS@', plan.producer)
+    end
     redis.call('HINCRBY', e[1], 'pt', 1)
-    redis.call('HINCRBYFLOAT', e[1], 'c', e[2])
-    redis.call('HINCRBYFLOAT', e[1], 'pc', e[2])
-    redis.call('EXPIRE', e[1], e[3])
+    if e[2] ~= 0 then redis.call('HINCRBYFLOAT', e[1], 'c', e[2]) end
+    if e[4] == 1 then redis.call('HINCRBYFLOAT', e[1], 'pc', e[2]) end
   end
   set[#set + 1] = 'charge'
   set[#set + 1] = cjson.encode(plan.charge)
   redis.call('SADD', '@INFLIGHT@' .. plan.producer, ARGV[1])
-  redis.call('SADD', '@PRODUCERS@', plan.producer)
 end
 -- The callback fields as they will be after this step's fields are written.
 local callback, cs = rec[5] or '', rec[6] or ''
@@ -96,16 +115,23 @@ if cur == 'submitting' and ARGV[3] ~= 'submitting' then
   local charge = rec[8]
   if charge and charge ~= '' then
     for _, e in ipairs(cjson.decode(charge)) do
-      if redis.call('EXISTS', e[1]) == 1 then
-        redis.call('HINCRBY', e[1], 'pt', -1)
-        redis.call('HINCRBYFLOAT', e[1], 'pc', -e[2])
+      if redis.call('HINCRBY', e[1], 'pt', -1) >= 0 then
+        -- (A charge made before `tracked` existed has three fields, and tracked its cost.)
+        if e[4] ~= 0 then redis.call('HINCRBYFLOAT', e[1], 'pc', -e[2]) end
         if ARGV[11] == 'refund' then
           redis.call('HINCRBY', e[1], 't', -1)
-          redis.call('HINCRBYFLOAT', e[1], 'c', -e[2])
+          if e[2] ~= 0 then redis.call('HINCRBYFLOAT', e[1], 'c', -e[2]) end
         end
+      elseif redis.call('HLEN', e[1]) == 1 then
+        -- The window expired while the POST was out: the decrement made a key of its own, without a TTL.
+        redis.call('DEL', e[1])
+      else
+        redis.call('HINCRBY', e[1], 'pt', 1)
       end
     end
-    redis.call('HDEL', KEYS[1], 'charge')
+    -- Cleared in the step's one HSET: an empty charge is no charge.
+    set[#set + 1] = 'charge'
+    set[#set + 1] = ''
   end
 end
 local callback_due = false
@@ -122,14 +148,15 @@ end
 redis.call('HSET', KEYS[1], unpack(set))
 if ARGV[6] == '-' then redis.call('ZREM', KEYS[3], ARGV[1])
 elseif ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
-if ARGV[7] ~= '' and not callback_due then
-  -- A record whose callback is still due starts its TTL once the callback is settled (callback_attempted).
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  redis.call('EXPIRE', KEYS[1] .. ':urls', ARGV[7])
-  -- So the listing index can drop the id when the record expires (see TRIM).
-  redis.call('ZADD', KEYS[6], tonumber(ARGV[4]) + tonumber(ARGV[7]), ARGV[1])
-elseif ARGV[7] ~= '' then
+if ARGV[7] ~= '' then
+  -- The outputs' URLs (signed, with their tokens) are of no use once the job has ended.
   redis.call('DEL', KEYS[1] .. ':urls')
+  if not callback_due then
+    -- A record whose callback is still due starts its TTL once it is settled (callback_attempted).
+    redis.call('EXPIRE', KEYS[1], ARGV[7])
+    -- So the listing index can drop the id when the record expires (see TRIM).
+    redis.call('ZADD', KEYS[6], tonumber(ARGV[4]) + tonumber(ARGV[7]), ARGV[1])
+  end
 elseif terminal[cur] then
   -- Brought back from an ending (resubmit): the record lives again until its next ending.
   redis.call('PERSIST', KEYS[1])
@@ -563,16 +590,17 @@ class Ledger:
         self.redis.hset(keys.job(job_id), mapping={k: to_field(v) for k, v in fields.items()})
 
     def set_urls(self, job_id: str, urls: Mapping[int, str]) -> None:
+        """The outputs' URLs, apart from the record (its every read would carry them); the step that
+        ends the job deletes them."""
         if urls:
-            self.redis.hset(keys.job_urls(job_id), mapping={str(i): u for i, u in urls.items()})
-            self.redis.expire(keys.job_urls(job_id), self.job_ttl)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.job_urls(job_id), mapping={str(i): u for i, u in urls.items()})
+            pipe.expire(keys.job_urls(job_id), self.job_ttl)
+            pipe.execute()
 
     def get_url(self, job_id: str, index: int) -> str | None:
         value = self.redis.hget(keys.job_urls(job_id), str(index))
         return None if value is None else as_text(value)
-
-    def drop_urls(self, job_id: str) -> None:
-        self.redis.delete(keys.job_urls(job_id))
 
     def counts(self) -> dict[str, int]:
         """``<kind>:<state>`` -> number of jobs, for every pair that ever had one."""

@@ -209,13 +209,11 @@ def test_tasks_show_their_name_job_id_and_kind_and_never_a_payload(
     rows = _wait_rows(
         flower,
         lambda rows: (
-            {"genq.submit", "genq.poll", "genq.download", "genq.finalize", "genq.intake"}
-            <= {r["name"] for r in rows}
+            {"genq.submit", "genq.poll", "genq.download", "genq.intake"} <= {r["name"] for r in rows}
         ),
     )
     shown = {(r["name"], r["args"]) for r in rows}
     assert ("genq.submit", f"image job={job.id} gen=0") in shown
-    assert ("genq.finalize", f"image job={job.id}") in shown
     assert ("genq.download", f"image job={job.id} index=0 attempt=0") in shown
     assert any(n == "genq.poll" and a.startswith(f"image job={job.id} gen=") for n, a in shown)  # type: ignore[union-attr]
     assert ("genq.intake", f"image request_id=order-77 job={intake_job}") in shown
@@ -289,7 +287,7 @@ def test_browser_logs_in_and_sees_the_batch_on_the_tasks_page(
         _wait_for(
             driver,
             lambda body: (
-                {"genq.submit", "genq.poll", "genq.download", "genq.finalize"} <= set(body.split())
+                {"genq.submit", "genq.poll", "genq.download"} <= set(body.split())
                 and f"image job={job}" in body
             ),
         )

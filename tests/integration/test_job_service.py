@@ -12,7 +12,7 @@ import pytest
 import requests
 import responses
 
-from genq.actions import Download, Finalize, PollLater, SubmitLater
+from genq.actions import Download, PollLater, SubmitLater
 from genq.api import UpstreamClient
 from genq.embedded import EmbeddedRedis
 from genq.jobs import JobService
@@ -171,11 +171,11 @@ def test_poll_success_leads_to_downloads_and_finalize(
 
     assert service.poll("j1", 1) == [Download("j1", 0), Download("j1", 1)]
     assert service.download("j1", 0, 0) == []
-    assert service.download("j1", 1, 0) == [Finalize("j1")]  # the last one sends finalize
-    assert service.download("j1", 1, 0) == [Finalize("j1")]  # duplicate delivery: no second download
     assert _state(service) is JobState.DOWNLOADING
-    assert service.finalize("j1") == []
-    assert service.finalize("j1") == []  # a duplicate finalize changes nothing
+    assert service.download("j1", 1, 0) == []  # the last one finalizes the job in the same task
+    assert _state(service) is JobState.SUCCEEDED
+    assert service.download("j1", 1, 0) == []  # duplicate delivery: no second download
+    assert service.finalize("j1") == []  # a finalize the sweeper sent changes nothing
 
     record = service.ledger.get("j1")
     assert record is not None and record.state is JobState.SUCCEEDED

@@ -75,6 +75,7 @@ def test_terminal_transition_drops_due_entry_and_sets_ttl(ledger: Ledger) -> Non
     assert record.finished_at is not None
     assert ledger.redis.zscore(keys.DUE, "j1") is None
     assert 0 < ledger.redis.ttl(keys.job("j1")) <= 3600
+    assert not ledger.redis.exists(keys.job_urls("j1"))  # URLs with tokens go with the ending
 
 
 def test_record_output_counts_down_and_only_while_downloading(ledger: Ledger) -> None:
@@ -87,3 +88,64 @@ def test_record_output_counts_down_and_only_while_downloading(ledger: Ledger) ->
     assert ledger.record_output("j1", out.model_copy(update={"index": 0})) == 0
     record = ledger.get("j1")
     assert record is not None and [o.index for o in record.outputs] == [0, 1]
+
+
+def test_a_charge_is_settled_once_and_a_window_gone_meanwhile_is_not_made_again(ledger: Ledger) -> None:
+    from genq.budgets import Plan
+
+    def charged(job: str, key: str) -> None:
+        plan = Plan("app", 2.0, charge=[(key, 2.0, 60, 0), ("genq:test:capped", 2.0, 60, 1)])
+        assert ledger.transition(job, [JobState.PENDING], JobState.SUBMITTING, budget=plan.to_json()).ok
+
+    def window(key: str) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in ledger.redis.hgetall(key).items()}
+
+    _create(ledger, "j1")
+    _create(ledger, "j2")
+    charged("j1", "genq:test:w")
+    charged("j2", "genq:test:gone")
+    assert window("genq:test:w") == {"t": 1, "pt": 1, "c": 2}  # no cost cap: no unanswered cost kept
+    assert window("genq:test:capped") == {"t": 2, "pt": 2, "c": 4, "pc": 4}
+    assert 0 < ledger.redis.ttl("genq:test:w") <= 60
+    assert ledger.redis.smembers(keys.PRODUCERS) == {b"app"}
+
+    ledger.redis.delete("genq:test:gone")  # its window expired while the POST was out
+    assert ledger.transition("j1", [JobState.SUBMITTING], JobState.SUBMITTED).ok
+    assert ledger.transition("j2", [JobState.SUBMITTING], JobState.PENDING, refund=True).ok
+    assert window("genq:test:w") == {"t": 1, "pt": 0, "c": 2}
+    assert window("genq:test:capped") == {"t": 1, "pt": 0, "c": 2, "pc": 0}  # j2's charge given back
+    assert not ledger.redis.exists("genq:test:gone")  # not made again, without a TTL
+    # A second step out of submitting (a duplicate) settles nothing again.
+    assert ledger.transition("j2", [JobState.PENDING], JobState.SUBMITTING).ok
+    assert ledger.transition("j2", [JobState.SUBMITTING], JobState.PENDING, refund=True).ok
+    assert window("genq:test:capped") == {"t": 1, "pt": 0, "c": 2, "pc": 0}
+
+
+def test_a_total_cap_set_in_mid_window_counts_the_spend_before_it(ledger: Ledger) -> None:
+    from genq.budgets import BudgetBook
+    from genq.settings import BudgetSettings
+
+    def submit(job: str, producer: str, settings: BudgetSettings) -> str:
+        if ledger.get(job) is None:
+            ledger.create(job, JobKind.IMAGE, {"p": 1}, expected_outputs=1, routing={"producer": producer})
+        record = ledger.get(job)
+        assert record is not None
+        plan = BudgetBook(ledger.redis, settings).plan(record, ledger.clock()).to_json()
+        moved = ledger.transition(job, [JobState.PENDING], JobState.SUBMITTING, budget=plan)
+        return "charged" if moved.ok else str(moved.reason)
+
+    uncapped = BudgetSettings()
+    assert [submit(f"a{i}", "a", uncapped) for i in range(2)] == ["charged"] * 2
+    assert submit("b0", "b", uncapped) == "charged"
+    total = keys.spend(keys.TOTAL_SCOPE, "h", 0)  # the ledger's clock says 100: the first window
+    assert not ledger.redis.exists(total)  # no total cap: nothing charged to the total
+    book = BudgetBook(ledger.redis, uncapped)
+    assert next(w for w in book.windows(keys.TOTAL_SCOPE, 100.0) if w.period == "hour").triggers == 3
+
+    capped = BudgetSettings(total={"triggers_per_hour": 4})
+    assert submit("c0", "c", capped) == "charged"  # 3 before the cap + this one = 4
+    assert submit("c1", "c", capped) == "unsettled"  # c0's POST is out: it may yet be refunded
+    assert ledger.transition("c0", [JobState.SUBMITTING], JobState.SUBMITTED).ok
+    assert submit("c1", "c", capped) == "budget"
+    assert ledger.redis.hget(total, "t") == b"4"
+    assert next(w for w in book.windows(keys.TOTAL_SCOPE, 100.0) if w.period == "hour").triggers == 4

@@ -1144,6 +1144,26 @@ def check_i10_budget_caps(m: GenqMachine) -> None:
             m.fail("I10 budget caps", f"{count} paid POSTs in day window {day}, cap {cap}")
 
 
+def check_i14_spend_settles(m: GenqMachine) -> None:
+    """I14: spend is accounted for. Once every job has ended, no budget window still holds a charge
+    whose POST was not answered (``pt``, and ``pc`` where kept, back to 0), none was made without its
+    TTL, and the total's day windows have charged at least every POST the upstream acted on (a refund
+    only gives back a POST surely not acted on)."""
+    charged = 0.0
+    for key in m.redis.scan_iter(match=keys.SPEND_PREFIX + "*"):
+        window = {k.decode(): float(v) for k, v in m.redis.hgetall(key).items()}
+        if abs(window.get("pt", 0.0)) > 1e-9 or abs(window.get("pc", 0.0)) > 1e-9:
+            m.fail("I14 spend settles", f"{key.decode()} still holds unanswered charges: {window}")
+        if m.redis.ttl(key) < 0:
+            m.fail("I14 spend settles", f"{key.decode()} has no TTL: {window}")
+        if key.decode().startswith(keys.spend(keys.TOTAL_SCOPE, "d", 0)[:-1]):
+            charged += window.get("t", 0.0)
+    if m.settings.budgets.total.triggers_per_day is not None:
+        acted = sum(1 for p in m.upstream.posts if p.acted)
+        if charged < acted:
+            m.fail("I14 spend settles", f"{acted} POSTs acted on, {charged:.0f} charged to the total's days")
+
+
 STEP_CHECKS = [
     ("I1", check_i1_only_ended_records_expire),
     ("I2", check_i2_one_paid_post),
@@ -1161,6 +1181,7 @@ END_CHECKS = [
     ("I1", check_i1_all_end),
     ("I4", check_i4_parked_released),
     ("I5", check_i5_callbacks),
+    ("I14", check_i14_spend_settles),
 ]
 
 __all__ = ["ACTED", "STATS", "UUIDS", "GenqMachine", "InvariantBroken", "World"]

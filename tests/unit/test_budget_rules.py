@@ -42,7 +42,7 @@ def _record(producer: str = "shop", num_images: int = 2) -> JobRecord:
     )
 
 
-def test_a_plan_charges_four_windows_and_checks_only_the_caps_that_are_set() -> None:
+def test_a_plan_charges_the_producers_windows_and_the_totals_capped_ones() -> None:
     settings = BudgetSettings.model_validate(
         {
             "total": {"cost_per_day": 100},
@@ -53,12 +53,14 @@ def test_a_plan_charges_four_windows_and_checks_only_the_caps_that_are_set() -> 
     now = 1_764_552_000.0
     plan = BudgetBook(None, settings).plan(_record(), now)  # type: ignore[arg-type]
     assert plan.cost == 4
+    # The total has a day cap only: its hour is not kept (a report adds up the producers' hours).
     assert [c[0] for c in plan.charge] == [
         keys.spend("shop", "h", 1_764_550_800),
         keys.spend("shop", "d", 1_764_547_200),
-        keys.spend("*", "h", 1_764_550_800),
         keys.spend("*", "d", 1_764_547_200),
     ]
+    assert [c[3] for c in plan.charge] == [0, 0, 1]  # unanswered cost kept where a cost cap is
+    assert plan.seed == [(keys.spend("*", "d", 1_764_547_200), keys.SPEND_PREFIX, ":d:1764547200", 172800)]
     assert [(c[1], c[2], c[3], c[4], c[5]) for c in plan.checks] == [
         ("t", 10.0, 1.0, "producer shop triggers_per_hour=10", 1_764_554_400),
         ("c", 100.0, 4.0, "total cost_per_day=100", 1_764_633_600),
@@ -123,4 +125,5 @@ def test_no_budget_settings_caps_nothing() -> None:
     with environment({}):
         budgets = load_settings().budgets
     plan = BudgetBook(None, budgets).plan(_record("default"), 0.0)  # type: ignore[arg-type]
-    assert plan.checks == [] and plan.quota is None and len(plan.charge) == 4
+    assert plan.checks == [] and plan.quota is None and plan.seed == []
+    assert [c[0] for c in plan.charge] == [keys.spend("default", "h", 0), keys.spend("default", "d", 0)]

@@ -86,8 +86,7 @@ def _fill(client: redis.Redis, n: int, log: Any) -> dict[str, list[str]]:
             if state == "failed":
                 extra["error"] = "upstream job failed: simulated"
             pipe.hset(keys.job(job_id), mapping=extra)
-            pipe.hincrby(keys.COUNTS, "image:pending", -1)
-            pipe.hincrby(keys.COUNTS, f"image:{state}", 1)
+            pipe.hincrby(keys.COUNTS, f"image:pending>{state}", 1)  # one count per move, as the ledger's
         pipe.execute()
         if start % 20000 == 0:
             log(f"{NAME}: {start + 2000:,} of {n:,} jobs written")

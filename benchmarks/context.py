@@ -13,7 +13,8 @@ from typing import Any
 import redis
 
 from benchmarks.harness import Stack
-from genq.ledger import as_text
+from genq import keys
+from genq.ledger import as_text, state_counts
 from genq.producer import Producer
 from genq.schemas import JobRecord
 from genq.settings import Settings, load_settings
@@ -56,7 +57,7 @@ def producer_for(stack: Stack, env: dict[str, str]) -> Producer:
 
 
 def counts(client: redis.Redis) -> dict[str, int]:
-    return {as_text(k): int(v) for k, v in client.hgetall("genq:counts").items()}
+    return state_counts(client.hgetall(keys.COUNTS))
 
 
 def terminal_count(client: redis.Redis, kinds: Sequence[str] = ("image",)) -> int:

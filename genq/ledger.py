@@ -163,13 +163,33 @@ elseif terminal[cur] then
   redis.call('ZREM', KEYS[6], ARGV[1])
 end
 if cur ~= ARGV[3] then
-  redis.call('HINCRBY', KEYS[4], kind .. ':' .. cur, -1)
-  redis.call('HINCRBY', KEYS[4], kind .. ':' .. ARGV[3], 1)
+  -- One count per move, not one per state left and entered: see state_counts.
+  redis.call('HINCRBY', KEYS[4], kind .. ':' .. cur .. '>' .. ARGV[3], 1)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', '@MAXLEN@', '*', 'job', ARGV[1], 'kind', kind,
              'from', cur, 'to', ARGV[3], 'at', ARGV[4], 'parent', parent)
 end
 return {1, cur, 'ok'}
 """
+
+
+def state_counts(raw: Mapping[Any, Any]) -> dict[str, int]:
+    """``<kind>:<state>`` -> jobs in it, from the counts hash (:data:`genq.keys.COUNTS`).
+
+    The hash counts moves, ``<kind>:<from>><to>`` (``<from>`` empty for a new record): a step then
+    costs one HINCRBY instead of two, and a state holds what came in less what went out. A field
+    without ``>`` is a state's own count, as versions before moves were counted kept it."""
+    counts: dict[str, int] = {}
+    for field, value in raw.items():
+        kind, _, move = as_text(field).partition(":")
+        source, arrow, target = move.partition(">")
+        n = int(value)
+        if not arrow:  # a state's own count
+            counts[f"{kind}:{source}"] = counts.get(f"{kind}:{source}", 0) + n
+            continue
+        counts[f"{kind}:{target}"] = counts.get(f"{kind}:{target}", 0) + n
+        if source:
+            counts[f"{kind}:{source}"] = counts.get(f"{kind}:{source}", 0) - n
+    return counts
 
 
 def _lua_set(values: Iterable[str]) -> str:
@@ -212,7 +232,7 @@ set[#set + 1] = state
 redis.call('HSET', KEYS[1], unpack(set))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':' .. state, 1)
+redis.call('HINCRBY', KEYS[5], ARGV[2] .. ':>' .. state, 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'job', ARGV[1], 'kind', ARGV[2],
            'from', '', 'to', state, 'at', ARGV[3], 'parent', ARGV[7])
 return {1, ARGV[1], state}
@@ -604,7 +624,7 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         """``<kind>:<state>`` -> number of jobs, for every pair that ever had one."""
-        return {as_text(k): int(v) for k, v in self.redis.hgetall(keys.COUNTS).items()}
+        return state_counts(self.redis.hgetall(keys.COUNTS))
 
     def list_ids(self, limit: int = 100, offset: int = 0) -> list[str]:
         """Job ids, newest first."""

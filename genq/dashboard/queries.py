@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import redis
 
 from genq import keys
-from genq.ledger import JobEvent, as_text
+from genq.ledger import JobEvent, as_text, state_counts
 from genq.netguard import redact_url
 from genq.schemas import JobRecord, JobState, ModelRecord, OutputFile
 
@@ -159,7 +159,7 @@ class Queries:
         pipe.xrevrange(keys.EVENTS, count=1)
         pipe.zcard(keys.JOBS)
         raw, last, listed = pipe.execute()
-        pairs = {as_text(k): int(v) for k, v in raw.items()}
+        pairs = state_counts(raw)
         states: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         for pair, n in pairs.items():

@@ -79,7 +79,7 @@ from genq.actions import (
 from genq.callbacks import CallbackService, check_callback
 from genq.intake import TurnQueue
 from genq.jobs import JobService
-from genq.ledger import Ledger, QueuedSince
+from genq.ledger import Ledger, QueuedSince, state_counts
 from genq.limits import Limits, UpstreamLimiter
 from genq.model_ledger import ModelLedger
 from genq.schemas import POLLING_STATES, JobRecord, JobState, ModelRecord, ModelState
@@ -1164,6 +1164,17 @@ def check_i14_spend_settles(m: GenqMachine) -> None:
             m.fail("I14 spend settles", f"{acted} POSTs acted on, {charged:.0f} charged to the total's days")
 
 
+def check_i15_counts(m: GenqMachine) -> None:
+    """I15: the per-state counts (``genq:counts``, one count per move) hold exactly the jobs in each
+    live state, and at least the records still there in each ended one (an ended record expires)."""
+    counts = state_counts(m.redis.hgetall(keys.COUNTS))
+    there = Counter(f"{r.kind.value}:{r.state.value}" for r in m.records.values())
+    for pair in sorted(set(counts) | set(there)):
+        n, records = counts.get(pair, 0), there[pair]
+        if n != records and (n < records or not JobState(pair.split(":", 1)[1]).terminal):
+            m.fail("I15 counts", f"{pair}: counted {n}, {records} records in it")
+
+
 STEP_CHECKS = [
     ("I1", check_i1_only_ended_records_expire),
     ("I2", check_i2_one_paid_post),
@@ -1176,6 +1187,7 @@ STEP_CHECKS = [
     ("I10", check_i10_budget_caps),
     ("I11", check_i11_one_admission_tick),
     ("I12", check_i12_live_jobs_are_swept),
+    ("I15", check_i15_counts),
 ]
 END_CHECKS = [
     ("I1", check_i1_all_end),

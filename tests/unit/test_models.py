@@ -470,3 +470,13 @@ def test_in_flight_states_are_not_terminal(state: JobState) -> None:
 def test_polling_states_are_in_flight() -> None:
     assert {JobState.SUBMITTED, JobState.RUNNING} == POLLING_STATES
     assert not POLLING_STATES & TERMINAL_STATES
+
+
+def test_state_counts_add_up_the_moves_and_keep_the_older_per_state_counts() -> None:
+    from genq.ledger import state_counts
+
+    moves = {b"image:>pending": b"3", b"image:pending>submitting": b"2", b"image:submitting>failed": b"1"}
+    assert state_counts(moves) == {"image:pending": 1, "image:submitting": 1, "image:failed": 1}
+    # A hash written before moves were counted holds each state's own count: a move adds to it.
+    older = {"video:running": "5", "video:running>downloading": "2", "video:>pending": "1"}
+    assert state_counts(older) == {"video:running": 3, "video:downloading": 2, "video:pending": 1}

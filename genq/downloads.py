@@ -9,14 +9,11 @@ final path only complete (written to a temp file, fsynced, renamed). The file na
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import fcntl
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +22,7 @@ from typing import Any, BinaryIO
 
 import requests
 
-from genq import netguard
+from genq import netguard, wallclock
 from genq.errors import DownloadRefused, UpstreamUnavailable
 from genq.netguard import NetPolicy, redact_url
 
@@ -115,17 +112,35 @@ def _fetch_into(
     have = out.seek(0, os.SEEK_END)
     # Ranges over compressed encodings are ill-defined, so a resumed request asks for identity.
     headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
-    try:
-        response = netguard.safe_get(
-            session,
-            url,
-            rules.net,
-            stream=True,
-            headers=headers,
-            timeout=(rules.connect_timeout, rules.read_timeout),
-        )
-    except requests.RequestException as exc:
-        raise UpstreamUnavailable(f"download {shown}: {type(exc).__name__}") from None
+    # A server dripping a byte at a time never trips the per-read timeout, and a read waits for a
+    # whole chunk: only cutting the connection from outside bounds the wall-clock time. The process's
+    # one watchdog thread does it (a timer thread per file would cost more than the file's bookkeeping).
+    with wallclock.Limit(rules.timeout) as limit:
+        try:
+            response = netguard.safe_get(
+                session,
+                url,
+                rules.net,
+                stream=True,
+                headers=headers,
+                timeout=(rules.connect_timeout, rules.read_timeout),
+            )
+        except requests.RequestException as exc:
+            if limit.expired:
+                raise DownloadRefused(f"download {shown}: exceeded the {rules.timeout:.0f}s limit") from None
+            raise UpstreamUnavailable(f"download {shown}: {type(exc).__name__}") from None
+        return _read(response, out, have, rules, media, shown, started)
+
+
+def _read(
+    response: requests.Response,
+    out: BinaryIO,
+    have: int,
+    rules: DownloadRules,
+    media: str,
+    shown: str,
+    started: float,
+) -> tuple[int, str, str]:
     with response:
         resumed = bool(have) and response.status_code == 206 and _range_start(response) == have
         if not resumed:
@@ -160,14 +175,6 @@ def _check_response(response: requests.Response, shown: str, media: str, partial
 
 def _content_type(response: requests.Response) -> str:
     return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-
-
-def _cut(response: requests.Response) -> None:
-    """Shut the socket under a download so its blocked read returns at once."""
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
-    with contextlib.suppress(OSError):
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _range_start(response: requests.Response) -> int | None:
@@ -247,11 +254,6 @@ def _stream(
     size = have
     writeback = _Writeback(out, have, rules.writeback_bytes)
     limit = f"download {shown}: exceeded the {rules.timeout:.0f}s limit"
-    # A server dripping a byte at a time never trips the per-read timeout, and a read waits for a
-    # whole chunk: only cutting the connection from outside bounds the wall-clock time.
-    watchdog = threading.Timer(max(0.0, rules.timeout - (time.monotonic() - started)), _cut, (response,))
-    watchdog.daemon = True
-    watchdog.start()
     try:
         # iter_content decodes Content-Encoding, so the cap counts the bytes that reach the disk.
         for chunk in response.iter_content(chunk_size=rules.chunk_bytes):
@@ -270,8 +272,6 @@ def _stream(
         raise UpstreamUnavailable(
             f"download {shown}: interrupted after {size} bytes ({type(exc).__name__})"
         ) from None
-    finally:
-        watchdog.cancel()
     out.flush()
     os.fsync(out.fileno())
     if expected is not None and size != expected and "Content-Encoding" not in response.headers:

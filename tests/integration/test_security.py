@@ -110,7 +110,7 @@ def test_remote_ids_never_name_files(service: JobService, remote_id: str) -> Non
         mock.get("https://cdn.example.com/x.png", body=PNG, content_type="image/png")
         service.download(job_id, 0, 0)
     record = service.ledger.get(job_id)
-    assert record is not None and record.state is JobState.DOWNLOADING  # finalize comes next
+    assert record is not None and record.state is JobState.SUCCEEDED  # the last file finalizes the job
     (out,) = record.outputs
     assert Path(out.path) == service.settings.download.dir / job_id / "00.png"
     assert out.remote_id == remote_id  # kept as data, never as a path

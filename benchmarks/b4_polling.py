@@ -86,6 +86,7 @@ def run(ctx: Context) -> BenchResult:
     # shared 2-core machine, 6 jobs/s per stack at 4x compression ran polls late enough to blur both
     # stacks' figures (late polls make fewer GETs and detect later).
     spread = ctx.size(3.0, 600.0)
+    k = ctx.size(10, 5)  # the steady-state frontier's sample, in runs' worth of jobs (see below)
     plan = phased(durations(n_img, n_vid), spread * c)  # real seconds
     defaults = PollSettings()
     fixed = json.dumps(
@@ -119,6 +120,7 @@ def run(ctx: Context) -> BenchResult:
         "videos": n_vid,
         "compression": c,
         "submit_spread_s": spread * c,
+        "steady_state_sample_jobs": k * (n_img + n_vid),
         "image_durations": "lognormal median 8 s sigma 0.75 cap 60 s",
         "video_durations": "lognormal median 90 s sigma 0.4 cap 240 s",
         "slowdown": {"factor": SLOWDOWN, "from_s": SLOW[0] * spread * c, "to_s": SLOW[1] * spread * c},
@@ -139,10 +141,10 @@ def run(ctx: Context) -> BenchResult:
         with ThreadPoolExecutor(len(stacks) + 2) as pool:
             # "The best schedule for the true distribution" depends on no live figure: computed while
             # the workers boot (CPU that would otherwise come after the run), done before it starts.
-            # A sample five times the run's (another seed of the same generator, at the same arrival
-            # rate), so the frontier does not fit a few hundred jobs.
+            # A sample five times the run's (ten times quick's: 360 jobs), another seed of the same
+            # generator at the same arrival rate, so the frontier does not fit a few hundred jobs.
             steady_done = pool.submit(
-                _steady_frontier, durations(5 * n_img, 5 * n_vid, seed=12), defaults, 5 * spread * c
+                _steady_frontier, durations(k * n_img, k * n_vid, seed=12), defaults, k * spread * c
             )
             # So are the replay of this run's durations and the frontiers at its p95s.
             offline_done = pool.submit(_offline, plan, defaults, spread * c)

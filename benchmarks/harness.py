@@ -349,8 +349,7 @@ def stacks(*specs: tuple[SimConfig, Path, str]) -> Iterator[list[Stack]]:
             made.append(f.result())
         yield made
     finally:
-        for one in made:
-            one.close()
+        in_parallel(*(one.close for one in made))  # close never raises
 
 
 # ------------------------------------------------------------------ measuring

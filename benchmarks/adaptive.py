@@ -215,8 +215,10 @@ def frontier(durations: Sequence[float], p95: float, coverage: float = 0.95, ste
         for i in range(n - 2, -1, -1):
             if running[i] <= 0:
                 continue
-            j = np.arange(i + 1, n)
-            cost = running[i] - weight * (done[j] - np.maximum(done[i], early[j])) + value[j]
+            # Over every later check j > i (slices: the same arithmetic as indexing, without copies).
+            cost = (
+                running[i] - weight * (done[i + 1 :] - np.maximum(done[i], early[i + 1 :])) + value[i + 1 :]
+            )
             k = int(np.argmin(cost))
             value[i], nxt[i] = cost[k], i + 1 + k
         out, i = [], 0

@@ -5,7 +5,7 @@ backlog, producer ``shop`` (same weight) submits a batch of its own. Both share 
 shop's share of all POSTs from its first POST to its last (the time both have work waiting), with fair
 shares on (goal: it keeps its 50 % share within 10 %, i.e. >= 0.45) and, as the baseline, off
 (``GENQ_BUDGETS_FAIR_SHARES=false``: first come, first served), both at once on separate stacks.
-Quick mode stops measuring 12 s after shop submits: both still have work waiting, which is the
+Quick mode stops measuring 6 s after shop submits: both still have work waiting, which is the
 time the share is about. Also reported: how long shop waited for its first POST. First come, first
 served, shop's batch goes as one block (a share near 1 within its own span) but only after the flood's
 whole backlog: that wait is what fair shares save.
@@ -31,11 +31,11 @@ POLL = '{"first_delay": 0.5, "interval": 0.5, "backoff": 1, "max_interval": 0.5,
 
 def run(ctx: Context) -> BenchResult:
     flood_jobs = ctx.size(1_500, 10_000)  # at most; it floods until shop's jobs are done
-    shop_jobs = ctx.size(20, 300)
+    shop_jobs = ctx.size(10, 300)
     # Quick: measured for at most this long after shop submits. Without fair shares shop gets a few
     # percent of the rate and would take minutes to finish; its share while both wait is the figure,
     # and a window in which both still wait measures just that.
-    window = ctx.size(12.0, None)
+    window = ctx.size(6.0, None)
     lead = ctx.size(2.0, 20.0)  # seconds of flood first: its backlog grows by 2x the rate per second
     result = BenchResult(NAME, "Fair shares: one producer flooding, another's share of the rate")
     result.size = {

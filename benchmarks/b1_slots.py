@@ -91,9 +91,9 @@ def run(ctx: Context) -> BenchResult:
         # genqueue: full pipeline, same slots.
         ctx.log(f"{NAME}: genqueue, {jobs} jobs, prefork {SLOTS}, limiter on, poll every {INTERVAL}s")
         gq = _genqueue_run(ctx, s, env, jobs)
-        s.reset()
         default: dict = {"jobs_per_s": None, "note": "full run only"}  # type: ignore[type-arg]
         if not ctx.quick:
+            s.reset()
             ctx.log(f"{NAME}: genqueue with its default image policy (for information)")
             s.workers([{"concurrency": SLOTS, "env": LIMITS}], beat_env=LIMITS)
             default = _genqueue_run(ctx, s, dict(LIMITS), jobs)

@@ -77,7 +77,7 @@ def run(ctx: Context) -> BenchResult:
     # A round is a burst the pool clears well within the sweep grace (30 s) even on a loaded machine:
     # a longer backlog makes the sweeper send submits again (2,000 jobs at ~7 jobs/s made 1.8 submit
     # runs per job), which measures the backlog, not the cost of a job.
-    n = ctx.size(60, 300)
+    n = ctx.size(40, 300)
     rounds = ctx.size(2, 5)
     warm = ctx.size(10, 50)
     sample = ctx.size(0, 100)  # quick: no MONITOR or cProfile run (commandstats and CPU still measured)

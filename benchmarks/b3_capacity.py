@@ -15,7 +15,7 @@ next poll (``next_poll_at`` and its ``genq:due`` score) spread evenly over one 5
 starts a few seconds later, as a steady state would have them.
 
 Two sizes on the same processes: first S jobs (20,000; quick 1,000) polled for a short window, then
-N (100,000; quick 5,000) over a whole cycle (quick: 5 s of it). Measured: the PSS of every worker
+N (100,000; quick 5,000) over a whole cycle (quick: 4 s of it). Measured: the PSS of every worker
 process and pool child at the end of each (worker memory per job is the slope between the two sizes,
 so what any worker grows by once, caches and the warm-up, is not counted per job); Redis
 ``used_memory`` before the jobs and after the cycle (per job, with every job polled once); and poll
@@ -59,13 +59,13 @@ ENV = {"GENQ_POLL_IMAGE": POLICY}
 
 def run(ctx: Context) -> BenchResult:
     small, n = ctx.size((1_000, 5_000), (20_000, 100_000))
-    held = ctx.size(1_000, 10_000)
-    window = ctx.size(5.0, CYCLE)
+    held = ctx.size(500, 10_000)
+    window = ctx.size(4.0, CYCLE)
     result = BenchResult(NAME, f"Capacity: {n:,} jobs in flight")
     result.size = {
         "jobs": n,
         "jobs_small": small,
-        "small_window_seconds": ctx.size(3.0, 30.0),
+        "small_window_seconds": ctx.size(2.0, 30.0),
         "baseline_countdown_tasks": held,
         "window_seconds": window,
         "poll_every": CYCLE,
@@ -251,8 +251,8 @@ def _genqueue(
     t = time.monotonic()
     write_submitted(ledger, ids[:small], upstream[:small], settings.poll.image.deadline)
     write_seconds = time.monotonic() - t
-    small_window = ctx.size(3.0, 30.0)
-    start_small = time.time() + ctx.size(1.0, 2.0)
+    small_window = ctx.size(2.0, 30.0)
+    start_small = time.time() + ctx.size(0.5, 2.0)
     _schedule(s, {job_id: start_small + CYCLE * i / small for i, job_id in enumerate(ids[:small])})
     ctx.log(f"{NAME}: {small:,} in flight; polling for {small_window:.0f}s")
     time.sleep(max(0.0, start_small + small_window - time.time()))
@@ -270,7 +270,7 @@ def _genqueue(
 
     # Spread the next polls evenly over one cycle starting shortly, as in a steady state.
     lateness = _Lateness(s, ids)  # reads each job's poll count first
-    start = time.time() + ctx.size(1.5, 4.0)
+    start = time.time() + ctx.size(1.0, 4.0)
     scheduled = {job_id: start + CYCLE * i / n for i, job_id in enumerate(ids)}
     lateness.scheduled = scheduled
     _schedule(s, scheduled)

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks import harness
-from benchmarks.adaptive import frontier, replay_learned
+from benchmarks.adaptive import Frontier, frontier, replay_learned
 from benchmarks.context import Context, producer_for, records, wait_terminal
 from benchmarks.harness import Stack
 from benchmarks.result import BenchResult, ChartItem, Row
@@ -79,13 +79,14 @@ def scaled(policy: PollPolicy, c: float) -> str:
 
 
 def run(ctx: Context) -> BenchResult:
-    n_img, n_vid = ctx.size((60, 12), (900, 180))
+    n_img, n_vid = ctx.size((30, 6), (900, 180))
     c = ctx.size(20.0, 2.0)
     # Seconds (compressed) over which the jobs are submitted: 20 minutes of upstream time in the full
     # run (the slow stretch is its middle ten), at about 1.8 jobs/s per stack (some 15 tasks/s): on a
     # shared 2-core machine, 6 jobs/s per stack at 4x compression ran polls late enough to blur both
     # stacks' figures (late polls make fewer GETs and detect later).
-    spread = ctx.size(6.0, 600.0)
+    spread = ctx.size(3.0, 600.0)
+    k = ctx.size(10, 5)  # the steady-state frontier's sample, in runs' worth of jobs (see below)
     plan = phased(durations(n_img, n_vid), spread * c)  # real seconds
     defaults = PollSettings()
     fixed = json.dumps(
@@ -119,6 +120,7 @@ def run(ctx: Context) -> BenchResult:
         "videos": n_vid,
         "compression": c,
         "submit_spread_s": spread * c,
+        "steady_state_sample_jobs": k * (n_img + n_vid),
         "image_durations": "lognormal median 8 s sigma 0.75 cap 60 s",
         "video_durations": "lognormal median 90 s sigma 0.4 cap 240 s",
         "slowdown": {"factor": SLOWDOWN, "from_s": SLOW[0] * spread * c, "to_s": SLOW[1] * spread * c},
@@ -136,14 +138,16 @@ def run(ctx: Context) -> BenchResult:
         (sim, ctx.workdir / f"{NAME}-base", "baseline"), (sim, ctx.workdir / f"{NAME}-gq", "gq")
     ) as (sb, sg):
         stacks = {"baseline": sb, "genqueue": sg}
-        with ThreadPoolExecutor(len(stacks) + 1) as pool:
+        with ThreadPoolExecutor(len(stacks) + 2) as pool:
             # "The best schedule for the true distribution" depends on no live figure: computed while
             # the workers boot (CPU that would otherwise come after the run), done before it starts.
-            # A sample five times the run's (another seed of the same generator, at the same arrival
-            # rate), so the frontier does not fit a few hundred jobs.
+            # A sample five times the run's (ten times quick's: 360 jobs), another seed of the same
+            # generator at the same arrival rate, so the frontier does not fit a few hundred jobs.
             steady_done = pool.submit(
-                _steady_frontier, durations(5 * n_img, 5 * n_vid, seed=12), defaults, 5 * spread * c
+                _steady_frontier, durations(k * n_img, k * n_vid, seed=12), defaults, k * spread * c
             )
+            # So are the replay of this run's durations and the frontiers at its p95s.
+            offline_done = pool.submit(_offline, plan, defaults, spread * c)
             booting = [
                 pool.submit(
                     s.workers,
@@ -155,6 +159,7 @@ def run(ctx: Context) -> BenchResult:
             for boot in booting:
                 boot.result()
             steady = steady_done.result()
+            replay, offline = offline_done.result()
         ctx.log(
             f"{NAME}: {n_img} images + {n_vid} videos, time / {c:g}, slow x{SLOWDOWN:g} mid-run, "
             "fixed 5 s and genqueue side by side"
@@ -170,14 +175,13 @@ def run(ctx: Context) -> BenchResult:
         longest = max(d for _, d in jobs) / c
         for s in stacks.values():
             wait_terminal(ctx, s.redis, len(jobs), timeout=longest * 2 + 60, kinds=KINDS)
-        ctx.log(f"{NAME}: all terminal; reading the simulator's truth, then the replay and frontiers")
+        ctx.log(f"{NAME}: all terminal; reading the simulator's truth")
         for name, s in stacks.items():
             outcome[name]["jobs"] = _measure(s, outcome[name].pop("ids"), plan, c)
             outcome[name]["sim_peak_rate_1s"] = s.sim.stats(include_jobs=False)["max_rate_1s"]
     base, gq = outcome["baseline"]["jobs"], outcome["genqueue"]["jobs"]
     b, g = _figures(base, spread * c), _figures(gq, spread * c)
-    replay, replayed = _replay(plan, defaults, spread * c)
-    front = _frontiers(gq, replayed)
+    front = _frontiers(gq, offline)
     front["steady"] = steady
     result.figures = {**g, "frontier": front, "replay_no_overhead": replay}
     result.baseline = b
@@ -439,21 +443,43 @@ def _figures(jobs: list[Job], span: float) -> dict[str, Any]:
     return out
 
 
-def _frontiers(live: list[Job], replayed: list[Job]) -> dict[str, Any]:
+REGIMES = (("normal", ("before", "after")), ("slow", ("slow",)))
+
+
+def _offline(
+    plan: list[tuple[float, str, float, str]], defaults: PollSettings, span: float
+) -> tuple[dict[str, Any], dict[str, tuple[list[Job], float, Frontier]]]:
+    """What needs no live figure: the replay (:func:`_replay`) and, per kind and regime (normal, slow),
+    genqueue's replayed jobs, their p95 and the frontier at that p95."""
+    replay, replayed = _replay(plan, defaults, span)
+    parts: dict[str, tuple[list[Job], float, Frontier]] = {}
+    for kind in KINDS:
+        for regime, phases in REGIMES:
+            mine = [j for j in replayed if j["kind"] == kind and j["phase"] in phases]
+            if mine:
+                p95 = percentile([j["latency"] for j in mine], 95) or 0.0
+                parts[f"{kind}:{regime}"] = (
+                    mine,
+                    p95,
+                    frontier([j["duration"] for j in mine], max(p95, 0.05)),
+                )
+    return replay, parts
+
+
+def _frontiers(live: list[Job], offline: dict[str, tuple[list[Job], float, Frontier]]) -> dict[str, Any]:
     """The frontier per kind and regime (normal, slow) at the p95 genqueue's schedule gives those jobs
     with no system overhead (its replay: the frontier is a schedule too, so both are scored the same
-    way), against genqueue's GETs per job, measured live and replayed. Overall: weighted by jobs."""
+    way; from :func:`_offline`), against genqueue's GETs per job, measured live and replayed. Overall:
+    weighted by jobs."""
     parts: dict[str, Any] = {}
     totals = {"frontier": 0.0, "live": 0.0, "replay": 0.0}
     n_total = 0
     for kind in KINDS:
-        for regime, phases in (("normal", ("before", "after")), ("slow", ("slow",))):
-            mine = [j for j in replayed if j["kind"] == kind and j["phase"] in phases]
+        for regime, phases in REGIMES:
             ok = [j for j in live if j["ok"] and j["kind"] == kind and j["phase"] in phases]
-            if not mine or not ok:
+            if f"{kind}:{regime}" not in offline or not ok:
                 continue
-            p95 = percentile([j["latency"] for j in mine], 95) or 0.0
-            best = frontier([j["duration"] for j in mine], max(p95, 0.05))
+            mine, p95, best = offline[f"{kind}:{regime}"]
             live_gets = sum(j["gets"] for j in ok) / len(ok)
             replay_gets = sum(j["gets"] for j in mine) / len(mine)
             parts[f"{kind}:{regime}"] = {

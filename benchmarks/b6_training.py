@@ -1,7 +1,7 @@
 """6. Training: upstream calls and detection latency of a model training of 20-25 simulated minutes.
 
 Time compression: the simulator's ``training_duration`` is 22 simulated minutes divided by a factor
-(60 in the full run: 22 s, 5-minute checks become 5 s; 240 in quick: 5.5 s and 1.25 s). genqueue's
+(60 in the full run: 22 s, 5-minute checks become 5 s; 360 in quick: 3.7 s and 0.83 s). genqueue's
 model poll policy (``GENQ_POLL_MODEL``), ``GENQ_POLL_COUNTDOWN_MAX`` and the sweep interval are scaled
 by the same factor, so the 5-minute waits are still held in Redis and dispatched by the sweeper as in
 production. Baseline: the reference pattern, a task that calls train and then checks every 5 (scaled)
@@ -34,7 +34,7 @@ INTERVAL = 300.0  # the reference: check every 5 minutes
 
 
 def run(ctx: Context) -> BenchResult:
-    c = ctx.size(240.0, 60.0)
+    c = ctx.size(360.0, 60.0)
     training = TRAINING_MINUTES * 60 / c
     model = PollSettings().model.model_dump()
     for key in ("first_delay", "interval", "max_interval", "deadline"):

@@ -44,9 +44,9 @@ ENV = {"GENQ_POLL_IMAGE": POLICY}
 
 
 def run(ctx: Context) -> BenchResult:
-    n = ctx.size(100, 500)
-    idle_s = ctx.size(2.0, 10.0)
-    sample = ctx.size(30, 100)
+    n = ctx.size(60, 500)
+    idle_s = ctx.size(1.0, 10.0)
+    sample = ctx.size(15, 100)
     result = BenchResult(NAME, "The ceiling of one Redis: CPU and commands per job")
     result.size = {
         "jobs": n,

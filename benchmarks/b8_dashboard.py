@@ -1,6 +1,6 @@
 """8. Dashboard: the jobs page's latency with 100,000 jobs in the ledger, and the live stream's rate.
 
-A private Redis is filled with 100,000 job records (10,000 in quick), written by the ledger's own create
+A private Redis is filled with 100,000 job records (5,000 in quick), written by the ledger's own create
 script, then moved by hand to a realistic mix of states (80% succeeded with one output, 8% failed, the
 rest in flight). ``genq dashboard`` runs as its own process with basic auth; answers are timed over HTTP
 from this process (requests, one connection):
@@ -8,12 +8,12 @@ from this process (requests, one connection):
 - the first page of ``/api/jobs`` (50 rows, newest first), a deep page (offset 50,000), a filtered page
   (``state=failed``, which scans), a filter nothing matches (``kind=video``: one request scans its
   budget, 10,000 ids or 50 ms of reading, and answers with a cursor), a lookup by id and
-  ``/api/counts``, 40 times each (20 quick);
+  ``/api/counts``, 40 times each (10 quick);
 - baseline: the reader ``genq jobs`` uses (``Ledger.list_records``, in-process, no HTTP) for the same
   first page and the same filter.
 
 The live stream: one SSE client on ``/events`` while this process makes real ledger transitions at 200
-per second for 10 s (4 s quick), then as fast as one thread can for 5 s (2 s quick); reported: events
+per second for 10 s (2 s quick), then as fast as one thread can for 5 s (1 s quick); reported: events
 delivered of those made, the delivered rate, and the lag from each transition's time to its arrival at
 the client.
 
@@ -267,10 +267,10 @@ def _html_times(session: requests.Session, url: str, repeat: int = REPEAT) -> li
 
 
 def run(ctx: Context) -> BenchResult:
-    n = ctx.size(10_000, 100_000)
-    repeat = ctx.size(20, REPEAT)
-    flat_out_s = ctx.size(2.0, 5.0)
-    figures = measure(ctx.workdir / NAME, n, ctx.size(4.0, 10.0), ctx.log, repeat, flat_out_s)
+    n = ctx.size(5_000, 100_000)
+    repeat = ctx.size(10, REPEAT)
+    flat_out_s = ctx.size(1.0, 5.0)
+    figures = measure(ctx.workdir / NAME, n, ctx.size(2.0, 10.0), ctx.log, repeat, flat_out_s)
     result = BenchResult(NAME, f"Dashboard: jobs page with {n:,} jobs, live stream at 200/s")
     result.size = {"jobs": n, "repeat": repeat, "flat_out_s": flat_out_s}
     result.figures = figures

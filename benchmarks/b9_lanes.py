@@ -31,12 +31,12 @@ POSTS = "POST /images/generation"
 
 
 def run(ctx: Context) -> BenchResult:
-    backlog = ctx.size(1_000, 20_000)
-    probes = ctx.size(5, 30)
-    window = ctx.size(5.0, 30.0)
+    backlog = ctx.size(300, 20_000)
+    probes = ctx.size(3, 30)
+    window = ctx.size(3.0, 30.0)
     # The batch rate without interactive jobs is a rate (POSTs per second), not a distribution: quick
     # measures it over shorter windows before and after than the interactive window.
-    quiet = ctx.size(4.0, window)
+    quiet = ctx.size(2.0, window)
     result = BenchResult(NAME, "Priority lanes: interactive submit->POST behind a batch backlog")
     env = {
         "GENQ_LIMITS_TRIGGER_RATE": str(RATE),

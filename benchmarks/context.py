@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from benchmarks.harness import Stack
+from benchmarks.harness import ENVIRON, Stack
 from genq import keys
 from genq.ledger import as_text, state_counts
 from genq.producer import Producer
@@ -37,19 +37,24 @@ class Context:
 
 
 def settings_for(stack: Stack, env: dict[str, str]) -> Settings:
-    """genqueue settings exactly as its workers will read them (the stack's env plus ``env``)."""
+    """genqueue settings exactly as its workers will read them (the stack's env plus ``env``).
+
+    Read from a patched ``os.environ``, one call at a time: two sides' threads calling at once made
+    one read the environment while the other replaced it (a KeyError in pydantic-settings), and a
+    process started meanwhile would get the patched one (see ``harness.environ``)."""
     import os
     from unittest import mock
 
     from genq.settings import get_settings
 
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    with mock.patch.dict(os.environ, {**clean, **stack.env, **env}, clear=True):
-        get_settings.cache_clear()
-        try:
-            return load_settings()
-        finally:
+    with ENVIRON:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+        with mock.patch.dict(os.environ, {**clean, **stack.env, **env}, clear=True):
             get_settings.cache_clear()
+            try:
+                return load_settings()
+            finally:
+                get_settings.cache_clear()
 
 
 def producer_for(stack: Stack, env: dict[str, str]) -> Producer:

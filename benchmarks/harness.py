@@ -38,6 +38,17 @@ DEFAULT_POOLS: list[dict[str, Any]] = [  # README "Running workers" and docker-c
 ]
 
 
+ENVIRON = threading.Lock()
+"""Held while ``os.environ`` is read or patched (``context.settings_for`` patches it to read genqueue's
+settings): a thread that copies it while another has replaced it gets a partial environment."""
+
+
+def environ() -> dict[str, str]:
+    """A copy of ``os.environ``, never one taken while it is patched."""
+    with ENVIRON:
+        return dict(os.environ)
+
+
 def in_parallel(*calls: Callable[[], object]) -> list[object]:
     """Run ``calls`` at once, each in a thread; their results in order, or the first one's error
     once all are done."""
@@ -117,7 +128,7 @@ class BenchSimulator(SimulatorProcess):
 
 def start_bench_simulator(config: SimConfig, timeout: float = 15) -> BenchSimulator:
     log_dir = Path(tempfile.mkdtemp(prefix="genq-bench-sim-"))
-    env = os.environ.copy()
+    env = environ()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     command = [sys.executable, "-m", "benchmarks.simserver", "--config-json", json.dumps(config.model_dump())]
     with open(log_dir / "stdout", "wb") as out, open(log_dir / "stderr", "wb") as err:
@@ -242,7 +253,7 @@ class Stack:
         return self._started
 
     def process_env(self, **extra: str) -> dict[str, str]:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "BENCH_"))}
+        clean = {k: v for k, v in environ().items() if not k.startswith(("GENQ_", "BENCH_"))}
         return {**clean, **self.env, **extra, "PYTHONPATH": str(ROOT)}
 
     def worker(
@@ -338,8 +349,7 @@ def stacks(*specs: tuple[SimConfig, Path, str]) -> Iterator[list[Stack]]:
             made.append(f.result())
         yield made
     finally:
-        for one in made:
-            one.close()
+        in_parallel(*(one.close for one in made))  # close never raises
 
 
 # ------------------------------------------------------------------ measuring

@@ -43,7 +43,7 @@ async def _hammer(url: str, key: str, seconds: float, method: str, path: str, bo
 
 
 def run(ctx: Context) -> BenchResult:
-    seconds = ctx.size(1.0, 4.0)
+    seconds = ctx.size(0.5, 4.0)
     result = BenchResult(NAME, "The simulator's own request rate, alone")
     result.size = {"seconds_per_route": seconds, "in_flight": IN_FLIGHT}
     with stack(SimConfig(api_key="bench-key"), ctx.workdir / NAME, NAME) as s:

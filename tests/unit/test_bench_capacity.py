@@ -13,6 +13,11 @@ def test_every_job_in_flight_once_with_one_post_is_no_fault() -> None:
     assert faults["states"] == {"submitted": 5}
 
 
+def test_a_job_running_after_its_first_poll_is_in_flight() -> None:
+    records = [("submitted", 1, "u0"), ("running", 1, "u1")]
+    assert submit_faults(2, records, posts=2, moves=2)["faults"] == 0
+
+
 def test_a_lost_or_stuck_job_is_a_fault() -> None:
     records = [("submitted", 1, "u0"), (None, 0, None), ("submit_unknown", 1, None), ("failed", 1, None)]
     faults = submit_faults(5, records, posts=5)

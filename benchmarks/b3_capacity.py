@@ -25,22 +25,39 @@ is never mistaken for its first). A poll not made by the end counts as late by a
 waited, and the lateness goals are missed when fewer polls were made than were due. Baseline in the
 same run: bare Celery countdown tasks (``bench.hold``, countdown 3600 s) held by a bare worker: its
 RSS and Redis memory per task.
+
+Then jobs through the real producer (issue #13: "one run where the 20k jobs are submitted through the
+real producer and submit pool, not injected"), on the same processes: the injected jobs are held a
+day out (their polls would share the pools), and after 20 warm-up submits S jobs (20,000; quick 500)
+are submitted with ``Producer.submit_image`` from one thread, same 5-minute policy; the submit pool
+makes the real POSTs. Measured: the time from the first submit to the last job's ``submitted_at``
+(all in flight) and the jobs per second that makes, the producer's own time, submit -> submitted per
+job; every job in flight (``submitted``, or ``running`` if its first poll came before the last
+submit) once: one attempt, an upstream id of its own, one move into submitted in the ledger's counts,
+and the simulator's ``POST /images/generation`` count equal to S (:func:`submit_faults`; goal: no
+fault); worker PSS (also per pool) and Redis ``used_memory`` growth per job from after the warm-up to
+all in flight (before any poll). First polls: each job's stays where its submit put it (300 s out,
++-5 % jitter), all moved earlier by one constant so the first falls due shortly (the spread the
+submits made is kept); their lateness is read as above over the first 60 s (quick 4 s), not a whole
+cycle.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks import baseline_app
-from benchmarks.context import Context, settings_for
+from benchmarks.context import Context, producer_for, settings_for
 from benchmarks.harness import DEFAULT_POOLS, BenchWorker, Stack, settle_memory, stacks, tree_rss, wait_until
 from benchmarks.result import BenchResult, ChartItem, Row
 from benchmarks.simcapacity import headroom_row
 from benchmarks.stats import Goal, per_item, ratio, summary
+from genq import keys
 from genq.celeryconf import POLL
 from genq.ledger import Ledger, as_text
 from genq.schemas import JobKind, JobState
@@ -55,6 +72,12 @@ POLICY = json.dumps(
     {"first_delay": 300, "interval": 300, "backoff": 1, "max_interval": 300, "jitter": 0.05, "deadline": 7200}
 )
 ENV = {"GENQ_POLL_IMAGE": POLICY}
+POSTS = "POST /images/generation"
+SUBMITS, SUBMITS_QUICK = 20_000, 500
+# In flight once submitted: a job whose first poll came before the last submit (a full run on a slow
+# node) is running upstream (the simulator's jobs run an hour).
+IN_FLIGHT = ("submitted", "running")
+SUBMIT_WARMUP = 20
 
 
 def run(ctx: Context) -> BenchResult:
@@ -71,6 +94,8 @@ def run(ctx: Context) -> BenchResult:
         "poll_every": CYCLE,
         "pools": DEFAULT_POOLS,
         "sweep_interval": 2.0,
+        "jobs_through_producer": ctx.size(SUBMITS_QUICK, SUBMITS),
+        "producer_first_poll_window_seconds": ctx.size(4.0, 60.0),
     }
     sim = SimConfig(api_key="bench-key", images_per_job=1)
     # The baseline on a stack of its own, its worker booted with genqueue's pools (it idles, blocked
@@ -116,6 +141,17 @@ def run(ctx: Context) -> BenchResult:
         late["p99"] if all_made else None,
         _late_why(gq),
     )
+    sub = gq["producer_submits"]
+    m5 = result.check(
+        Goal(
+            "every job submitted through the producer in flight once, one POST each",
+            "faults (jobs lost, not submitted, retried, sharing an upstream id; POSTs off by)",
+            "<=",
+            0,
+        ),
+        sub["faults"],
+        _submit_why(sub),
+    )
     result.rows = [
         Row(
             f"worker PSS growth per in-flight job ({small // 1000}k -> {n // 1000}k)",
@@ -155,6 +191,31 @@ def run(ctx: Context) -> BenchResult:
             "/s",
         ),
         headroom_row(ctx, gq["sim_peak_rate_1s"]),
+        Row(
+            f"producer: {sub['jobs']:,} jobs submitted -> all in flight",
+            sub["in_flight_seconds"],
+            None,
+            unit="s",
+        ),
+        Row("producer: jobs in flight per s (submit pool)", sub["jobs_per_s"], None, unit="/s"),
+        Row(
+            "producer: jobs in flight once / POSTs",
+            sub["in_flight_once"],
+            sub["posts"],
+            ratio(sub["in_flight_once"], sub["posts"]),
+            goal="0 faults",
+            met=m5,
+        ),
+        Row("producer: worker PSS growth per in-flight job", sub["worker_bytes_per_job"], None, unit="B"),
+        Row("producer: Redis memory per in-flight job", sub["redis_bytes_per_job"], None, unit="B"),
+        Row(
+            f"producer: first polls made / due in {sub['window_seconds']:.0f} s",
+            sub["polled_in_window"],
+            sub["due_in_window"],
+            ratio(sub["polled_in_window"], sub["due_in_window"]),
+        ),
+        Row("producer: first-poll lateness p95", sub["lateness"]["p95"], None, unit="s"),
+        Row("producer: first-poll lateness p99", sub["lateness"]["p99"], None, unit="s"),
     ]
     result.chart = [
         ChartItem("latency", f"3 capacity: poll lateness p50 ({n:,} in flight)", late["p50"], None, "s"),
@@ -172,7 +233,49 @@ def run(ctx: Context) -> BenchResult:
     )
     if ctx.quick:
         result.notes.append(f"quick: {window:.0f} s of the {CYCLE:.0f} s cycle, not the whole of it")
+    result.notes.append(
+        f"producer: {sub['jobs']:,} jobs submitted with Producer.submit_image (one thread) on the same "
+        "processes after the injected phases (those jobs held a day out first); in flight = every job "
+        "submitted in the ledger, timed from the first submit to the last submitted_at; worker memory the "
+        f"PSS growth from after {SUBMIT_WARMUP} warm-up submits to all in flight, Redis the used_memory "
+        "growth over the same span (before any poll; with the event stream under its cap in quick mode, "
+        "at it in a full run)"
+    )
+    result.notes.append(
+        f"producer: first polls over {sub['window_seconds']:.0f} s, not a whole cycle: each job's first "
+        f"poll stays where its submit put it (300 s out, +-5 % jitter; spread over "
+        f"{sub['first_polls_span_seconds'] or 0:.0f} s), all moved earlier by one constant "
+        f"({sub['first_polls_shifted_by_seconds']:.0f} s) so the first falls due shortly; lateness as above"
+    )
+    if sub["first_polled_before_the_last_submit"]:
+        result.notes.append(
+            f"producer: {sub['first_polled_before_the_last_submit']:,} jobs had their first poll before the "
+            "last submit (in flight as running; left out of the first-poll window)"
+        )
+    real, injected = sub["redis_key_sizes"], gq["redis_key_sizes"]
+    if real.get("job_hash_encoding") != injected.get("job_hash_encoding"):
+        result.notes.append(
+            f"producer: a job hash written by the real submit path is {real.get('job_hash')} B "
+            f"({real.get('job_hash_encoding')}), an injected one {injected.get('job_hash')} B "
+            f"({injected.get('job_hash_encoding')}): the Redis figures of the injected phases do not "
+            "hold for jobs submitted through the producer"
+        )
     return result
+
+
+def _submit_why(sub: dict[str, Any]) -> str:
+    names = (
+        "lost",
+        "not_submitted",
+        "retried",
+        "no_upstream_id",
+        "shared_upstream_id",
+        "extra_posts",
+        "missing_posts",
+        "moves_off",
+    )
+    parts = [f"{k} {sub[k]}" for k in names if sub.get(k)]
+    return f"{', '.join(parts)}; states {sub.get('states')}" if parts else ""
 
 
 def _redis_why(gq: dict[str, Any]) -> str:
@@ -292,6 +395,8 @@ def _genqueue(
     gets = stats["requests"].get("GET /jobs", 0)
     due_until_read = sum(1 for at in scheduled.values() if at <= read_at)
     held_by_workers = _eta_held(s)
+    pools = {"+".join(spec["queues"]): w.pid for spec, w in zip(DEFAULT_POOLS, workers, strict=True)}
+    submits = _through_producer(ctx, s, pools, [*warm, *ids])
     s.stop_processes()
     return {
         "jobs": n,
@@ -317,6 +422,217 @@ def _genqueue(
         "lateness": summary(late),
         "sweep_interval": settings.worker.sweep_interval,
         "countdown_messages_held_by_workers": held_by_workers,
+        "producer_submits": submits,
+    }
+
+
+def _hold_far(s: Stack, ids: Sequence[str]) -> None:
+    """Move these jobs' due polls a day out (their records keep their state)."""
+    far = time.time() + FAR
+    for start in range(0, len(ids), 20_000):
+        s.redis.zadd("genq:due", dict.fromkeys(ids[start : start + 20_000], far))
+
+
+def _ledger_fields(s: Stack, ids: Sequence[str], *fields: str) -> list[list[str | None]]:
+    """These fields of each job's record, in order (None where absent)."""
+    out: list[list[str | None]] = []
+    for start in range(0, len(ids), 5000):
+        pipe = s.redis.pipeline(transaction=False)
+        for job_id in ids[start : start + 5000]:
+            pipe.hmget(f"genq:job:{job_id}", *fields)
+        out += [[as_text(v) if v is not None else None for v in row] for row in pipe.execute()]
+    return out
+
+
+def _poll_waiting(s: Stack) -> int:
+    """Poll messages waiting in the broker (kombu keeps a list per priority step)."""
+    return sum(int(s.redis.llen(POLL if p == 0 else f"{POLL}\x06\x16{p}")) for p in (0, 3, 6, 9))
+
+
+def _moves_to_submitted(s: Stack) -> int:
+    """Image jobs moved into ``submitted`` so far, by the ledger's counts (a move per step)."""
+    raw = {as_text(k): int(v) for k, v in s.redis.hgetall(keys.COUNTS).items()}
+    return sum(v for k, v in raw.items() if k.startswith("image:") and k.endswith(">submitted"))
+
+
+class _InFlight:
+    """Whether every one of ``ids`` is in flight (submitted, or running after a first poll); only those
+    not seen in flight yet are read again."""
+
+    def __init__(self, s: Stack, ids: Sequence[str]) -> None:
+        self.s = s
+        self.waiting = list(ids)
+
+    def __call__(self) -> bool:
+        states = _ledger_fields(self.s, self.waiting, "state")
+        self.waiting = [j for j, (state,) in zip(self.waiting, states, strict=True) if state not in IN_FLIGHT]
+        return not self.waiting
+
+
+def submit_faults(
+    jobs: int,
+    records: Sequence[tuple[str | None, int, str | None]],
+    posts: int,
+    moves: int | None = None,
+) -> dict[str, Any]:
+    """What went wrong getting ``jobs`` jobs in flight through the producer. ``records``: each job's
+    (state, submit_attempts, upstream_id) as the ledger holds it (state None: no record; ``submitted``
+    or ``running``, after a first poll, is in flight); ``posts``:
+    the POSTs the upstream answered; ``moves``: the ledger's moves into ``submitted`` (its counts),
+    when read. ``faults`` is 0 only when every job is ``submitted`` after one attempt with an upstream
+    id of its own, moved to ``submitted`` once, and the upstream saw exactly one POST per job.
+
+    >>> submit_faults(2, [("submitted", 1, "u1"), ("running", 1, "u2")], 2)["faults"]
+    0
+    >>> f = submit_faults(3, [("submitted", 2, "u1"), ("submit_unknown", 1, None)], 4, moves=2)
+    >>> f["lost"], f["not_submitted"], f["retried"], f["extra_posts"], f["moves_off"], f["faults"]
+    (1, 1, 1, 1, 1, 5)
+    """
+    states = Counter(state or "missing" for state, _, _ in records)
+    lost = jobs - len(records) + states.get("missing", 0)
+    submitted = [(attempts, upstream) for state, attempts, upstream in records if state in IN_FLIGHT]
+    not_submitted = len(records) - states.get("missing", 0) - len(submitted)
+    retried = sum(1 for attempts, _ in submitted if attempts != 1)
+    upstream = [u for _, u in submitted if u]
+    no_upstream = len(submitted) - len(upstream)
+    shared_upstream = len(upstream) - len(set(upstream))
+    extra_posts, missing_posts = max(0, posts - jobs), max(0, jobs - posts)
+    moves_off = abs(moves - jobs) if moves is not None else 0
+    return {
+        "states": dict(states),
+        "in_flight_once": len(submitted) - retried - no_upstream - shared_upstream,
+        "lost": lost,
+        "not_submitted": not_submitted,
+        "retried": retried,
+        "no_upstream_id": no_upstream,
+        "shared_upstream_id": shared_upstream,
+        "posts": posts,
+        "extra_posts": extra_posts,
+        "missing_posts": missing_posts,
+        "moves_to_submitted": moves,
+        "moves_off": moves_off,
+        "faults": moves_off
+        + lost
+        + not_submitted
+        + retried
+        + no_upstream
+        + shared_upstream
+        + extra_posts
+        + missing_posts,
+    }
+
+
+def _through_producer(
+    ctx: Context, s: Stack, pools: dict[str, int], injected: Sequence[str]
+) -> dict[str, Any]:
+    """S jobs submitted through the real producer and submit pool on the same processes, after the
+    injected phases (whose jobs are held a day out first, so no poll of theirs shares the pools)."""
+    jobs = ctx.size(SUBMITS_QUICK, SUBMITS)
+    window = ctx.size(4.0, 60.0)
+    ctx.log(f"{NAME}: holding the {len(injected):,} injected jobs a day out; draining the poll queue")
+    _hold_far(s, injected)
+    wait_until(lambda: _poll_waiting(s) == 0, ctx.size(10.0, 120.0), 0.2)
+    time.sleep(ctx.size(2.5, 3.0))  # past the look-ahead: the countdowns already sent have run
+    producer = producer_for(s, ENV)
+    try:
+        # Warm-up: every submit pool child has made its first POST before the first memory figure.
+        warm = [producer.submit_image(f"capacity warm {i}", num_images=1).id for i in range(SUBMIT_WARMUP)]
+        wait_until(_InFlight(s, warm), 30, 0.1)
+        time.sleep(ctx.size(0.5, 1.0))
+        by_pool0 = {name: tree_rss([pid], "pss") for name, pid in pools.items()}
+        rss0 = sum(by_pool0.values())
+        mem0 = settle_memory(s.redis, 0.5)
+        keys0 = int(s.redis.dbsize())
+        moves0 = _moves_to_submitted(s)
+        s.sim.reset_stats()
+        ctx.log(f"{NAME}: submitting {jobs:,} jobs through the producer (submit_image)")
+        t0 = time.time()
+        ids = [producer.submit_image(f"capacity submit {i}", num_images=1).id for i in range(jobs)]
+        producer_seconds = time.time() - t0
+    finally:
+        producer.close()
+    all_in = wait_until(_InFlight(s, ids), ctx.size(60.0, 900.0), ctx.size(0.1, 0.5))
+    ctx.log(f"{NAME}: {jobs:,} submitted in {producer_seconds:.1f}s; all in flight: {all_in}")
+    time.sleep(ctx.size(0.5, 1.0))
+    by_pool1 = {name: tree_rss([pid], "pss") for name, pid in pools.items()}
+    rss1 = sum(by_pool1.values())
+    mem1 = settle_memory(s.redis, 0.5)
+    keys1 = int(s.redis.dbsize())
+    sizes = _key_sizes(s, ids[-1])
+    moves = _moves_to_submitted(s) - moves0
+    posts = int(s.sim.stats(include_jobs=False)["requests"].get(POSTS, 0))
+    rows = _ledger_fields(s, ids, "state", "submit_attempts", "upstream_id", "created_at", "submitted_at")
+    faults = submit_faults(
+        jobs,
+        [(st, int(att or 0), up) if st is not None else (None, 0, None) for st, att, up, _, _ in rows],
+        posts,
+        moves,
+    )
+    submitted_at = [float(r[4]) for r in rows if r[0] in IN_FLIGHT and r[4]]
+    to_submitted = [float(r[4]) - float(r[3]) for r in rows if r[0] in IN_FLIGHT and r[3] and r[4]]
+    in_flight_seconds = max(submitted_at) - t0 if all_in and submitted_at else None
+
+    # First polls: each held where its submit put it (~300 s out, ± the jitter), all moved earlier by
+    # one constant so the first falls due shortly; the spread the real submits made is kept. A job
+    # already polled (its first poll came before the last submit) is left out.
+    firsts = _ledger_fields(s, ids, "state", "next_poll_at", "polls")
+    due = sorted(
+        (float(at), j)
+        for j, (st, at, polls) in zip(ids, firsts, strict=True)
+        if st == "submitted" and at and not int(polls or 0)
+    )
+    polled_before = sum(1 for _, _, polls in firsts if int(polls or 0))
+    late: list[float] = []
+    made = 0
+    in_window: list[str] = []
+    gets = 0
+    read_at = start = time.time()
+    shift = 0.0
+    if due:
+        shift = due[0][0] - (time.time() + ctx.size(1.5, 4.0))
+        scheduled = {j: at - shift for at, j in due}
+        lateness = _Lateness(s, list(scheduled))
+        lateness.scheduled = scheduled
+        s.sim.reset_stats()
+        _schedule(s, scheduled)
+        start = due[0][0] - shift
+        in_window = [j for j, at in scheduled.items() if at <= start + window]
+        ctx.log(f"{NAME}: first polls of the submitted jobs; window {window:.0f}s ({len(in_window):,} due)")
+        while time.time() < start + window:
+            lateness.read(time.time())
+            time.sleep(max(0.0, min(ctx.size(0.5, 5.0), start + window - time.time())))
+        wait_until(lambda: lateness.read(start + window) >= len(in_window), ctx.size(2.5, 5.0), 0.2)
+        read_at = time.time()
+        lateness.read(start + window)
+        late, made = lateness.result(in_window, read_at)
+        gets = int(s.sim.stats(include_jobs=False)["requests"].get("GET /jobs", 0))
+    first_span = (due[-1][0] - due[0][0]) if due else None
+    return {
+        "jobs": jobs,
+        "all_in_flight": all_in,
+        "producer_seconds": producer_seconds,
+        "producer_jobs_per_s": jobs / producer_seconds if producer_seconds > 0 else None,
+        "in_flight_seconds": in_flight_seconds,
+        "jobs_per_s": jobs / in_flight_seconds if in_flight_seconds else None,
+        "submit_to_submitted": summary(to_submitted),
+        **faults,
+        "worker_pss_before": rss0,
+        "worker_pss_after": rss1,
+        "worker_bytes_per_job": per_item(rss1 - rss0, jobs),
+        "worker_bytes_per_job_by_pool": {k: per_item(by_pool1[k] - v, jobs) for k, v in by_pool0.items()},
+        "redis_used_before": mem0,
+        "redis_used_after": mem1,
+        "redis_bytes_per_job": per_item(mem1 - mem0, jobs),
+        "redis_keys_per_job": per_item(keys1 - keys0, jobs),
+        "redis_key_sizes": sizes,
+        "first_polls_span_seconds": first_span,
+        "first_polled_before_the_last_submit": polled_before,
+        "first_polls_shifted_by_seconds": shift,
+        "window_seconds": window,
+        "due_in_window": len(in_window),
+        "polled_in_window": made,
+        "polls_per_s": gets / (read_at - start) if read_at > start else None,
+        "lateness": summary(late),
     }
 
 

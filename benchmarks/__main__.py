@@ -149,8 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The run starts some 50 Python processes (workers, beat, simulators, the dashboard); with
-    # PYTHONDONTWRITEBYTECODE set, each one compiles genqueue's modules again (about 0.4 s of CPU).
-    # Let them write and reuse bytecode caches (__pycache__, gitignored). This process is unchanged.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.exit(main())

@@ -60,7 +60,7 @@ from benchmarks.stats import Goal, per_item, ratio, summary
 from genq import keys
 from genq.celeryconf import POLL
 from genq.ledger import Ledger, as_text
-from genq.schemas import JobKind, JobState
+from genq.schemas import ImageRequest, JobKind, JobState
 from genq.services import ledger_for
 from genq.simulator import SimConfig
 
@@ -737,7 +737,9 @@ def write_submitted(
                 ledger.create(
                     job_id,
                     JobKind.IMAGE,
-                    {"prompt": f"capacity {job_id}", "num_images": 1},
+                    # The body a producer's submit records (its defaults filled in), so an injected
+                    # record is the size of a real one.
+                    ImageRequest(prompt=f"capacity {job_id}", num_images=1).upstream_body(),
                     expected_outputs=1,
                 )
                 ledger.transition(

@@ -85,6 +85,9 @@ class EmbeddedRedis:
             "--appendfsync", self.appendfsync,
             "--save", "",
             "--maxmemory-policy", "noeviction",
+            # A job's record stays a compact listpack with a request (prompt included) of up to 512 B:
+            # 2.5 KB a job in flight becomes about 1 KB (docs/redis.md, Memory).
+            "--hash-max-listpack-value", "512",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip

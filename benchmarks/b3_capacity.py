@@ -3,8 +3,8 @@
 Upstream jobs run for an hour and are polled every 5 minutes (image policy first_delay = interval =
 300 s, jitter 0.05): every wait is longer than GENQ_POLL_COUNTDOWN_MAX (60 s), so it is held in the
 Redis due index and dispatched by the sweeper (beat -> ``genq.sweep``), never a long countdown in a
-worker: the sweeper claims a poll due before its next sweep and sends it with a countdown to its due
-time (the look-ahead, one sweep interval), so workers hold at most one sweep interval of them.
+worker: the sweeper claims a poll due within its look-ahead (two sweep intervals) and sends it with a
+countdown to its due time, so workers hold at most two sweep intervals of them.
 
 How the jobs get in flight (no 100,000 paid POSTs): the simulator creates the upstream jobs in one
 call (``/_bench/bulk``, its own ``create_job``), then each ledger record is written by genqueue's own
@@ -298,7 +298,7 @@ def _late_why(gq: dict[str, Any]) -> str:
     if late["p50"] is not None and late["p50"] > 0.5:
         parts.append(
             f"median {late['p50']:.2f} s: polls waited in the poll queue, or sweeps ran late (the look-ahead "
-            f"covers one sweep interval, {gq['sweep_interval']} s)"
+            f"covers two sweep intervals of {gq['sweep_interval']} s)"
         )
     return "; ".join(parts)
 
@@ -390,7 +390,7 @@ def _genqueue(
         lateness.read(time.time())
         time.sleep(max(0.0, min(every, start + window - time.time())))
     rss1 = tree_rss(pids, "pss")
-    # Polls due at the window's end get their countdown and run: up to a sweep interval and a bit.
+    # Polls due at the window's end have their countdowns: they run within moments of it.
     wait_until(lambda: lateness.read(start + window) >= len(in_window), ctx.size(2.5, 5.0), 0.2)
     read_at = time.time()
     lateness.read(start + window)

@@ -170,7 +170,7 @@ class Services:
         training = TrainingService(settings, models, api, jobs, clock, rng)
         broker = client if settings.redis.broker_url is None else broker_redis_client(settings)
         sweeper = Sweeper(
-            ledger, models, jobs, clock, SubmitBacklog(broker), ahead=settings.worker.sweep_interval
+            ledger, models, jobs, clock, SubmitBacklog(broker), ahead=settings.worker.sweep_ahead
         )
         receivers = guarded_session(callback_policy(settings))
         callbacks = CallbackService(settings, ledger, receivers, clock, rng)

@@ -466,14 +466,20 @@ class WorkerSettings(_Group):
     job_ttl: int = Field(7 * 86400, gt=0)
     """Seconds a finished job's record is kept."""
     sweep_interval: float = Field(2.0, gt=0)
-    """Seconds between sweeps (beat): the sweeper dispatches held waits and re-drives stalled jobs. Also
-    its look-ahead: a held submit or poll (a model's train call or check) due before the next sweep is
-    sent by this one, as a countdown to its due time (at most half of ``sweep_grace``)."""
+    """Seconds between sweeps (beat): the sweeper dispatches held waits and re-drives stalled jobs. Twice
+    it is the look-ahead: a held submit or poll (a model's train call or check) due within two sweep
+    intervals is sent by this sweep, as a countdown to its due time (at most half of ``sweep_grace``)."""
     sweep_grace: float = Field(30.0, gt=0)
     """Seconds past its due time before a job whose message never came is re-driven."""
     max_deliveries: int = Field(5, ge=1)
     """Deliveries of one task message before it counts as poison (it keeps killing its worker) and
     its job ends failed."""
+
+    @property
+    def sweep_ahead(self) -> float:
+        """The sweeper's look-ahead, seconds: two intervals, so a sweep that starts up to an interval
+        late (its message waits in the poll queue it shares) still sends every poll before it is due."""
+        return min(2 * self.sweep_interval, self.sweep_grace / 2)
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:
@@ -562,8 +568,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _visibility_covers_waits(self) -> Settings:
         # No countdown is longer than poll.countdown_max (longer waits are held in Redis instead) or the
-        # sweeper's look-ahead (one sweep interval).
-        needed = max(self.poll.countdown_max, self.worker.sweep_interval) + self.worker.task_time_limit
+        # sweeper's look-ahead.
+        needed = max(self.poll.countdown_max, self.worker.sweep_ahead) + self.worker.task_time_limit
         if self.worker.visibility_timeout <= needed:
             raise ValueError(
                 f"GENQ_WORKER_VISIBILITY_TIMEOUT ({self.worker.visibility_timeout}s) must exceed "

@@ -7,11 +7,17 @@ is always safe: every step checks the ledger first, and a polled job gets a new 
 the same atomic claim, so at most one poll chain per job stays live.
 
 A held wait would be late by up to one sweep interval if it were sent only by the first sweep after
-its time: the sweeper looks ahead instead (``ahead``, one sweep interval as the services set it). A
-job waiting to be submitted or polled (a model to be trained or checked) that falls due before the
-next sweep is claimed now and its message sent with a countdown to its due time, so a worker's ETA
-runs it on time. Such countdowns are never longer than the look-ahead: workers still hold no long
-waits. The claim's new generation makes any other message of the job stale, early or not.
+its time: the sweeper looks ahead instead (``ahead``: two sweep intervals as the services set it, so
+a sweep that starts late, behind the poll queue it shares, still sends in time). A job waiting to be
+submitted or polled (a model to be trained or checked) that falls due within the look-ahead is
+claimed now and its message sent with a countdown to its due time, so a worker's ETA runs it on time.
+Such countdowns are never longer than the look-ahead: workers still hold no long waits. The claim's
+new generation makes any other message of the job stale, early or not.
+
+Every delay a sweep returns counts from one clock reading, taken as it starts. A sweep of 1,000 jobs
+takes about a second to send (a Celery message costs a millisecond or more), so its caller takes off
+each delay the time gone by when it sends (``genq.worker.tasks.dispatch``); a countdown measured at
+the claim would run each message late by the sending before it.
 """
 
 from __future__ import annotations
@@ -56,23 +62,23 @@ class Sweeper:
         self, batch: int = 500, max_batches: int = 20, min_gap: float = 0.0
     ) -> tuple[list[Action], Counter[str]]:
         """Claim what is due and return the actions that drive it on, with counts by state. Does
-        nothing when another sweep began less than ``min_gap`` seconds ago."""
+        nothing when another sweep began less than ``min_gap`` seconds ago. Delays count from the
+        sweep's start (see the module's docstring)."""
         actions: list[Action] = []
         seen: Counter[str] = Counter()
         if min_gap > 0 and not self.ledger.begin_sweep(min_gap):
             return actions, seen
+        now = self.clock()
         queued = self.backlog()
         early = 0
         for _ in range(max_batches):
             claimed = self.ledger.claim_due(batch, queued, self.ahead)
-            now = self.clock()
             for job in claimed:
                 seen[job.state.value] += 1
                 early += job.due > now
-                actions += self._drive_job(job)
+                actions += self._drive_job(job, now)
             if len(claimed) < batch:
                 break
-        now = self.clock()
         for model_id, model_state, gen, due in self.models.claim_due(batch, self.ahead):
             seen[f"model:{model_state.value}"] += 1
             early += due > now
@@ -93,13 +99,13 @@ class Sweeper:
             log.info("sweep: %s%s", dict(seen), ahead)
         return actions, seen
 
-    def _drive_job(self, job: Claimed) -> list[Action]:
+    def _drive_job(self, job: Claimed, now: float) -> list[Action]:
         if job.kind == JobKind.WORKFLOW.value:
             # Checked before the states: a running workflow is not a polled job.
             rec = self.ledger.get(job.id)
             return self.jobs.workflows.resume(rec) if rec is not None else []
-        # Claimed ahead of its time (a held wait due before the next sweep): a countdown to it.
-        wait = max(0.0, job.due - self.clock())
+        # Claimed ahead of its time (a held wait due within the look-ahead): a countdown to it.
+        wait = max(0.0, job.due - now)
         if job.state is JobState.PENDING:
             return [SubmitLater(job.id, wait, job.gen, job.batch)]
         if job.state is JobState.SUBMITTING:

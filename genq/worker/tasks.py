@@ -3,6 +3,7 @@ the by-name intake for producers in other languages, and model training."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,31 +80,39 @@ def admit(family: str, token: str) -> None:
 
 @app.task(name=Task.SWEEP)
 def sweep() -> None:
+    started = time.monotonic()
     actions, _ = services().sweeper.sweep(min_gap=services().settings.worker.sweep_interval / 2)
-    dispatch(actions)
+    dispatch(actions, since=started)
 
 
-def dispatch(actions: Iterable[Action]) -> None:
-    """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works."""
+def dispatch(actions: Iterable[Action], since: float | None = None) -> None:
+    """Send the next steps. Countdowns, never sleeps: no slot is held while the upstream works.
+
+    ``since``: the ``time.monotonic()`` reading the actions' delays count from; each message is sent
+    with what is left of its delay, so sending many (a sweep's) does not make the last ones late."""
+
+    def left(delay: float) -> float | None:
+        if since is not None and delay > 0:
+            delay = max(0.0, delay - (time.monotonic() - since))
+        return delay or None
+
     for action in actions:
         match action:
             case SubmitLater(job_id, delay, gen, batch, turn):
-                submit.apply_async(
-                    (job_id, gen), countdown=delay or None, priority=lane_priority(batch, turn)
-                )
+                submit.apply_async((job_id, gen), countdown=left(delay), priority=lane_priority(batch, turn))
             case PollLater(job_id, gen, delay, batch):
-                poll.apply_async((job_id, gen), countdown=delay, priority=lane_priority(batch))
+                poll.apply_async((job_id, gen), countdown=left(delay), priority=lane_priority(batch))
             case Download(job_id, index, attempt, delay, batch):
                 download.apply_async(
-                    (job_id, index, attempt), countdown=delay or None, priority=lane_priority(batch)
+                    (job_id, index, attempt), countdown=left(delay), priority=lane_priority(batch)
                 )
             case Finalize(job_id):
                 finalize.apply_async((job_id,))
             case TrainLater(model_id, delay, gen):
-                train.apply_async((model_id, gen), countdown=delay or None)
+                train.apply_async((model_id, gen), countdown=left(delay))
             case PollModelLater(model_id, gen, delay):
-                poll_model.apply_async((model_id, gen), countdown=delay)
+                poll_model.apply_async((model_id, gen), countdown=left(delay))
             case Notify(job_id, delay):
-                callback.apply_async((job_id,), countdown=delay or None)
+                callback.apply_async((job_id,), countdown=left(delay))
             case Admit(family, token, delay):
-                admit.apply_async((family, token), countdown=delay or None)
+                admit.apply_async((family, token), countdown=left(delay))

@@ -132,7 +132,7 @@ def _held_poll(s: Steps, job_id: str, due: float, gen: int = 2) -> None:
 
 
 def test_a_held_poll_due_before_the_next_sweep_is_sent_now_with_a_countdown_to_it(steps: Steps) -> None:
-    steps.sweeper.ahead = 2.0  # the services' sweeper looks one sweep interval ahead
+    steps.sweeper.ahead = 2.0  # the services' sweeper looks two sweep intervals ahead
     _held_poll(steps, "j1", START + 90)
     steps.clock.now = START + 87.5
     assert steps.sweeper.sweep()[0] == []  # due after the next sweep: that one sends it
@@ -152,6 +152,29 @@ def test_a_held_poll_due_before_the_next_sweep_is_sent_now_with_a_countdown_to_i
     for now in (START + 89.5, START + 90, START + 91):
         steps.clock.now = now
         assert steps.sweeper.sweep()[0] == []
+
+
+def test_every_delay_a_sweep_returns_counts_from_its_start(steps: Steps) -> None:
+    """A sweep decides its delays, then the task sends them, taking off the time gone by since the
+    sweep began (``genq.worker.tasks.dispatch``). A delay measured when its page was claimed would
+    count twice the time the sweep spent before it, and make the last messages late by that much."""
+    steps.sweeper.ahead = 2.0
+    for i in range(5):
+        _held_poll(steps, f"j{i}", START + 101 + 0.2 * i)
+    steps.clock.now = START + 100
+    clock = steps.sweeper.clock
+
+    def slow() -> float:  # each reading later than the one before, as in a long sweep
+        now = clock()
+        steps.clock.advance(0.3)
+        return now
+
+    steps.sweeper.clock = slow
+    actions, _ = steps.sweeper.sweep(batch=2)
+
+    assert [(a.job_id, a.delay) for a in actions if isinstance(a, PollLater)] == [
+        (f"j{i}", pytest.approx(1.0 + 0.2 * i)) for i in range(5)
+    ]
 
 
 def test_a_claim_returns_each_jobs_due_score(steps: Steps) -> None:

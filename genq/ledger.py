@@ -247,8 +247,12 @@ CLAIM_DUE = """
 -- behind a long queue is re-driven ever less often instead of once per grace, so a backlog cannot
 -- feed on itself.
 -- ARGV[6], ARGV[7]: when the oldest submit message still waiting in the interactive and the batch
--- lane's queue was sent ('' when none or unknown). A pending job whose submit was sent since is still
--- in that queue, not lost: it is only pushed forward, so its waiting message stays the live one.
+-- lane's queue was sent ('' when none or unknown); ARGV[9], ARGV[10] the same for the poll queue. A
+-- pending job whose submit was sent since (a polled job whose poll was), by its last move or claim,
+-- is still in that queue, not lost: it is only pushed forward, so its waiting message stays the live
+-- one. A claim that starts a new generation records its time ('claimed_at') for this; its message
+-- counts as sent up to a grace later. A lost one is then re-driven once the queue has moved that far
+-- past it (or emptied).
 -- ARGV[8]: the look-ahead, seconds ('' or absent: none; below the grace). A record in one of the
 -- listed states (a message chain: its claim starts a new generation) due before now + look-ahead is
 -- claimed already, so that its message can be sent with a countdown to its due time instead of waiting
@@ -261,7 +265,9 @@ local grace = tonumber(ARGV[3])
 local horizon = now + (tonumber(ARGV[8] or '') or 0)
 local bump = {}
 for s in string.gmatch(ARGV[5], '[^,]+') do bump[s] = true end
-local since = {interactive = tonumber(ARGV[6]), batch = tonumber(ARGV[7])}
+local since = {pending = {interactive = tonumber(ARGV[6]), batch = tonumber(ARGV[7])}}
+local polls = {interactive = tonumber(ARGV[9] or ''), batch = tonumber(ARGV[10] or '')}
+for s in string.gmatch('@POLLING@', '[^,]+') do since[s] = polls end
 local out = {}
 local claimed = 0
 -- Records not yet due that are not claimed early stay where they are, ahead of the rest in the range:
@@ -276,14 +282,17 @@ while claimed < limit and scanned < 10 * limit do
     local id = page[i]
     local at = tonumber(page[i + 1])
     local key = ARGV[4] .. id
-    local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind', 'lane')
+    local rec = redis.call('HMGET', key, 'state', 'poll_gen', 'updated_at', 'kind', 'lane', 'claimed_at')
     local state = rec[1]
     local base = math.max(now, at)
     local queued = false
-    if state == 'pending' then
-      local oldest = since[rec[5] == 'batch' and 'batch' or 'interactive']
-      -- The margin covers the clocks: the record's is Redis's, the stamp the sender's wall clock.
-      queued = oldest ~= nil and tonumber(rec[3] or '0') + @MARGIN@ >= oldest
+    local lanes = since[state or '']
+    if lanes then
+      local oldest = lanes[rec[5] == 'batch' and 'batch' or 'interactive']
+      -- The margin covers the clocks: the record's is Redis's, the stamp the sender's wall clock. A
+      -- claim's message goes out while the sweep sends the others (seconds, for thousands): a grace.
+      local sent = math.max(tonumber(rec[3] or '0') + @MARGIN@, tonumber(rec[6] or '0') + grace)
+      queued = oldest ~= nil and sent >= oldest
     end
     scanned = scanned + 1
     if not state then
@@ -294,7 +303,10 @@ while claimed < limit and scanned < 10 * limit do
       redis.call('ZADD', KEYS[1], base + grace, id)
     else
       local gen = tonumber(rec[2] or '0')
-      if bump[state] then gen = redis.call('HINCRBY', key, 'poll_gen', 1) end
+      if bump[state] then
+        gen = redis.call('HINCRBY', key, 'poll_gen', 1)
+        redis.call('HSET', key, 'claimed_at', now)
+      end
       local idle = now - tonumber(rec[3] or now)
       redis.call('ZADD', KEYS[1], base + math.max(grace, math.min(idle, 10 * grace)), id)
       claimed = claimed + 1
@@ -316,11 +328,15 @@ CLAIM_FIELDS = 6
 QUEUED_MARGIN = 2.0
 """Seconds of clock difference allowed between a record's ``updated_at`` (Redis's clock) and the
 ``genq_sent_at`` stamp of its message (the sender's wall clock) when telling whether it is still queued."""
-CLAIM_DUE = CLAIM_DUE.replace("@MARGIN@", repr(QUEUED_MARGIN)).replace("@WORKFLOW@", JobKind.WORKFLOW.value)
+CLAIM_DUE = (
+    CLAIM_DUE.replace("@MARGIN@", repr(QUEUED_MARGIN))
+    .replace("@WORKFLOW@", JobKind.WORKFLOW.value)
+    .replace("@POLLING@", ",".join(sorted(s.value for s in POLLING_STATES)))
+)
 
 
 class QueuedSince(NamedTuple):
-    """When the oldest submit message still waiting in each lane's queue was sent (see
+    """When the oldest message still waiting in each lane's list of a queue was sent (see
     :mod:`genq.backlog`); None: none waiting, or unknown."""
 
     interactive: float | None = None
@@ -712,12 +728,17 @@ class Ledger:
         return None if value is None else float(as_text(value))
 
     def claim_due(
-        self, limit: int = 500, queued: QueuedSince = NOTHING_QUEUED, ahead: float = 0.0
+        self,
+        limit: int = 500,
+        queued: QueuedSince = NOTHING_QUEUED,
+        ahead: float = 0.0,
+        polls_queued: QueuedSince = NOTHING_QUEUED,
     ) -> list[Claimed]:
         """Jobs whose next step is due (or overdue: no message came); each is pushed forward, and a
         job waiting to be submitted or polled gets a new step generation (its old chain goes stale).
         A pending job whose submit was sent since ``queued`` (the oldest submit still waiting in its
-        lane's queue) is only pushed forward: its message is still in the queue.
+        lane's queue), or a polled job whose poll was sent since ``polls_queued``, is only pushed
+        forward: its message is still in the queue.
 
         ``ahead`` (seconds) claims a job waiting to be submitted or polled (a chained state, not a
         workflow) up to that long before it is due, so its message can be sent now with a countdown
@@ -735,6 +756,8 @@ class Ledger:
                 "" if queued.interactive is None else repr(queued.interactive),
                 "" if queued.batch is None else repr(queued.batch),
                 repr(ahead),
+                "" if polls_queued.interactive is None else repr(polls_queued.interactive),
+                "" if polls_queued.batch is None else repr(polls_queued.batch),
             ],
         )
         return [

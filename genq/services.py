@@ -11,8 +11,9 @@ from redis.sentinel import Sentinel
 
 from genq import metrics
 from genq.api import UpstreamClient
-from genq.backlog import SubmitBacklog
+from genq.backlog import QueueBacklog
 from genq.callbacks import CallbackService, callback_policy
+from genq.celeryconf import POLL, SUBMIT
 from genq.clock import Clock
 from genq.intake import TurnQueue
 from genq.jobs import JobService, net_policy
@@ -170,7 +171,13 @@ class Services:
         training = TrainingService(settings, models, api, jobs, clock, rng)
         broker = client if settings.redis.broker_url is None else broker_redis_client(settings)
         sweeper = Sweeper(
-            ledger, models, jobs, clock, SubmitBacklog(broker), ahead=settings.worker.sweep_ahead
+            ledger,
+            models,
+            jobs,
+            clock,
+            QueueBacklog(broker, SUBMIT),
+            QueueBacklog(broker, POLL),
+            ahead=settings.worker.sweep_ahead,
         )
         receivers = guarded_session(callback_policy(settings))
         callbacks = CallbackService(settings, ledger, receivers, clock, rng)

@@ -52,7 +52,9 @@ class Sweeper:
     jobs: JobService
     clock: Callable[[], float]
     backlog: Callable[[], QueuedSince] = QueuedSince
-    """How far behind the submit queue is (:class:`genq.backlog.SubmitBacklog`); by default unknown."""
+    """How far behind the submit queue is (:class:`genq.backlog.QueueBacklog`); by default unknown."""
+    poll_backlog: Callable[[], QueuedSince] = QueuedSince
+    """How far behind the poll queue is, likewise."""
     ahead: float = 0.0
     """Seconds of look-ahead: a job to submit or poll (a model to train or check) due within it is
     claimed now and sent with a countdown to its due time (see :meth:`genq.ledger.Ledger.claim_due`);
@@ -69,10 +71,10 @@ class Sweeper:
         if min_gap > 0 and not self.ledger.begin_sweep(min_gap):
             return actions, seen
         now = self.clock()
-        queued = self.backlog()
+        queued, polls_queued = self.backlog(), self.poll_backlog()
         early = 0
         for _ in range(max_batches):
-            claimed = self.ledger.claim_due(batch, queued, self.ahead)
+            claimed = self.ledger.claim_due(batch, queued, self.ahead, polls_queued)
             for job in claimed:
                 seen[job.state.value] += 1
                 early += job.due > now

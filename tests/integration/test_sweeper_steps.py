@@ -105,6 +105,48 @@ def test_a_polled_job_gets_a_poll_under_a_new_generation(steps: Steps, state: Jo
     assert steps.jobs.poll("j1", 4) == []  # the lost chain is stale
 
 
+def test_a_poll_the_sweep_sent_that_is_still_queued_is_not_sent_again(steps: Steps) -> None:
+    """A node behind on its polls: the poll the last claim sent still waits in the poll queue. A
+    second would wait behind it and make it stale, so a long backlog would be spent on stale polls."""
+    steps.image("j1")
+    steps.ledger.transition(
+        "j1", [JobState.PENDING], JobState.RUNNING, upstream_id="up1", poll_gen=4, due_at=START + 2
+    )
+    _overdue(steps, 2 + GRACE)
+    assert steps.sweeper.sweep()[0] == [PollLater("j1", 5, 0.0)]  # sent at this claim
+    claimed_at = steps.clock.now
+    steps.sweeper.poll_backlog = lambda: QueuedSince(interactive=claimed_at - 5)  # older ones wait
+    steps.sweeper.backlog = lambda: QueuedSince()  # (the submit queue's says nothing of polls)
+    _overdue(steps, 10 * GRACE)
+
+    actions, seen = steps.sweeper.sweep()
+
+    assert actions == [] and seen == Counter()
+    assert steps.job("j1").poll_gen == 5  # the waiting message stays the live one
+    due = steps.due("j1")
+    assert due is not None and due == steps.clock.now + GRACE
+
+    # Sent by the claim, the message counts as sent up to a grace after it (the sweep sends the
+    # others too), so a message sent 10 s after the claim may be behind it: still held back.
+    steps.sweeper.poll_backlog = lambda: QueuedSince(interactive=claimed_at + 10)
+    _overdue(steps)
+    assert steps.sweeper.sweep()[0] == []
+    # The queue moved past that (the message was taken, and lost): sent again.
+    steps.sweeper.poll_backlog = lambda: QueuedSince(interactive=claimed_at + GRACE + 1)
+    _overdue(steps)
+    assert steps.sweeper.sweep()[0] == [PollLater("j1", 6, 0.0)]
+
+
+def test_a_poll_queue_backlog_holds_back_neither_submits_nor_the_other_lane(steps: Steps) -> None:
+    steps.image("p1")  # pending, its submit sent at START
+    steps.image("j1")  # polled, interactive, its last poll sent at START
+    steps.ledger.transition("j1", [JobState.PENDING], JobState.RUNNING, upstream_id="u", due_at=START + 2)
+    steps.sweeper.poll_backlog = lambda: QueuedSince(batch=START - 30)
+    _overdue(steps, 2 + GRACE)
+
+    assert sorted(steps.sweeper.sweep()[0], key=str) == [PollLater("j1", 1, 0.0), SubmitLater("p1", 0.0, 1)]
+
+
 def test_a_held_poll_is_dispatched_right_when_due_not_a_grace_later(steps: Steps) -> None:
     steps.image("j1")
     steps.ledger.transition(

@@ -40,7 +40,7 @@ Environment knobs (all optional):
 ``GENQ_MODEL_OFF``    comma list of rules or features disabled: ``resend``, ``resubmit``, ``train``,
                       ``cancel``, ``crash``, ``race``, ``intake`` (submit through ``accept`` only),
                       ``expire`` (no emulated Redis expiry, but for the rate limit's keys),
-                      ``backlog`` (the sweeper sees no submit queue), ``admission`` (no rate limit:
+                      ``backlog`` (the sweeper sees no submit or poll queue), ``admission`` (no rate limit:
                       no ``queued`` answer, no admission queue), ``losequeue`` (its loss is not
                       modelled), ``intakequeue`` (a new job is always sent, never queued at
                       intake behind its lane), ``lookahead`` (the sweeper sends only what is due:
@@ -234,8 +234,8 @@ class GenqMachine(RuleBasedStateMachine):
             self.clock,
             rng,
         )
-        backlog = QueuedSince if "backlog" in OFF else self._backlog
-        self.sweeper = Sweeper(self.ledger, self.models, self.jobs, self.clock, backlog, ahead=AHEAD)
+        submits, polls = (QueuedSince, QueuedSince) if "backlog" in OFF else (self._submits, self._polls)
+        self.sweeper = Sweeper(self.ledger, self.models, self.jobs, self.clock, submits, polls, ahead=AHEAD)
         self.callbacks = CallbackService(w.settings, self.ledger, file_session(self.files), self.clock, rng)
         self.sink = CallbackSink(self.clock)
         self.msgs: list[Msg] = []
@@ -264,11 +264,17 @@ class GenqMachine(RuleBasedStateMachine):
     def _log(self, text: str) -> None:
         self.trace.append(f"t+{self.clock.now - self.world.start:7.1f}  {text}")
 
-    def _backlog(self) -> QueuedSince:
-        """The sweeper's view of the submit queue (``genq.backlog``): when the oldest submit message
-        that is due and not delivered was sent, per lane. The model delivers in any order, so this
-        also tests the skip where the queue is not first in, first out."""
-        waiting = [m for m in self.msgs if isinstance(m.action, SubmitLater) and m.eta <= self.clock.now]
+    def _submits(self) -> QueuedSince:
+        return self._backlog(SubmitLater)
+
+    def _polls(self) -> QueuedSince:
+        return self._backlog(PollLater)
+
+    def _backlog(self, step: type[SubmitLater] | type[PollLater]) -> QueuedSince:
+        """The sweeper's view of the submit or poll queue (``genq.backlog``): when the oldest message
+        of that step that is due and not delivered was sent, per lane. The model delivers in any
+        order, so this also tests the skip where the queue is not first in, first out."""
+        waiting = [m for m in self.msgs if isinstance(m.action, step) and m.eta <= self.clock.now]
         lanes = {lane: [m.sent for m in waiting if m.action.batch is lane] for lane in (False, True)}
         return QueuedSince(min(lanes[False], default=None), min(lanes[True], default=None))
 
@@ -647,6 +653,15 @@ class GenqMachine(RuleBasedStateMachine):
     def lose(self, pick: int) -> None:
         """A message is lost (a broker restart without persistence, a purge)."""
         m = self._pick_msg(pick)
+        self._step(f"lose {show(m.action)}", lambda: self.msgs.remove(m))
+
+    @precondition(lambda self: any(isinstance(m.action, PollLater) for m in self.msgs))
+    @rule(pick=st.integers(0, 1000))
+    def lose_poll(self, pick: int) -> None:
+        """A poll message is lost. A rule of its own: ``lose`` picks from every message, and the queue
+        holds mostly submits and training calls, so it lost no poll in a whole long run."""
+        polls = [m for m in self.msgs if isinstance(m.action, PollLater)]
+        m = polls[pick % len(polls)]
         self._step(f"lose {show(m.action)}", lambda: self.msgs.remove(m))
 
     @precondition(lambda self: ADMISSION)

@@ -375,13 +375,16 @@ def _genqueue(
     t = time.monotonic()
     write_submitted(ledger, ids[small:], upstream[small:], settings.poll.image.deadline)
     write_seconds += time.monotonic() - t
-    time.sleep(ctx.size(0.5, 3.0))  # past the look-ahead: no poll of the small cycle is still coming
+    # No poll of the small cycle still coming: none queued, no countdown held (the look-ahead's).
+    wait_until(lambda: _poll_waiting(s) == 0 and _eta_held(s) == 0, ctx.size(10.0, 60.0), 0.1)
     mem1 = settle_memory(s.redis, ctx.size(0.5, 1.0))
     sizes = _key_sizes(s, ids[-1])
 
     # Spread the next polls evenly over one cycle starting shortly, as in a steady state.
     lateness = _Lateness(s, ids)  # reads each job's poll count first
-    start = time.time() + ctx.size(1.0, 4.0)
+    # At least a sweep interval out: the first polls must be seen by a sweep before they fall due (a
+    # sweep sends what falls due within its look-ahead; one that ran before the schedule saw nothing).
+    start = time.time() + ctx.size(2.5, 4.0)
     scheduled = {job_id: start + CYCLE * i / n for i, job_id in enumerate(ids)}
     lateness.scheduled = scheduled
     _schedule(s, scheduled)
@@ -541,10 +544,10 @@ def _through_producer(
     _hold_far(s, injected)
     # A node that fell behind in the cycle may still hold its polls' messages: the phase's first polls
     # would wait behind them, so the result says whether the queue drained.
-    drained = wait_until(lambda: _poll_waiting(s) == 0, ctx.size(10.0, 120.0), 0.2)
+    # (and the look-ahead's countdowns already sent have run: none is held).
+    drained = wait_until(lambda: _poll_waiting(s) == 0 and _eta_held(s) == 0, ctx.size(10.0, 120.0), 0.1)
     if not drained:
         ctx.log(f"{NAME}: {_poll_waiting(s):,} poll messages still queued; the first polls wait behind them")
-    time.sleep(ctx.size(2.5, 3.0))  # past the look-ahead: the countdowns already sent have run
     producer = producer_for(s, ENV)
     try:
         # Warm-up: every submit pool child has made its first POST before the first memory figure.
@@ -601,7 +604,7 @@ def _through_producer(
     read_at = start = time.time()
     shift = 0.0
     if due:
-        shift = due[0][0] - (time.time() + ctx.size(1.5, 4.0))
+        shift = due[0][0] - (time.time() + ctx.size(2.5, 4.0))  # a sweep interval out, as above
         scheduled = {j: at - shift for at, j in due}
         lateness = _Lateness(s, list(scheduled))
         lateness.scheduled = scheduled

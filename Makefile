@@ -46,7 +46,7 @@ BENCH_ARGS ?=
 bench: $(VENV)/.installed-bench  ## every benchmark against its baseline, full size (~30 min on a loaded 2-vCPU machine); JSON + PNG in bench-results/
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
-bench-quick: $(VENV)/.installed-bench  ## every benchmark at a small size (2.5-3 min on a shared 2-vCPU machine: 2 min 35 s at load 2.4-2.5, 2 min 47-59 s at 4-5.6, 2026-12-01)
+bench-quick: $(VENV)/.installed-bench  ## every benchmark at a small size (on a 2-vCPU machine: 1 min 52 s at load 0.5-0.8, 2 min 35 s at 2.4-2.5, 2 min 47-59 s at 4-5.6, 2026-12-01)
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 docs: $(VENV)/.installed-dev  ## rewrite docs/settings.md from genq/settings.py (a unit test checks it)

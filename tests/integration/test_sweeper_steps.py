@@ -174,7 +174,7 @@ def _held_poll(s: Steps, job_id: str, due: float, gen: int = 2) -> None:
 
 
 def test_a_held_poll_due_before_the_next_sweep_is_sent_now_with_a_countdown_to_it(steps: Steps) -> None:
-    steps.sweeper.ahead = 2.0  # the services' sweeper looks two sweep intervals ahead
+    steps.sweeper.ahead = 2.0  # a 2 s look-ahead (the services' is two sweep intervals)
     _held_poll(steps, "j1", START + 90)
     steps.clock.now = START + 87.5
     assert steps.sweeper.sweep()[0] == []  # due after the next sweep: that one sends it

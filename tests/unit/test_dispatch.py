@@ -15,7 +15,7 @@ from genq.worker import tasks
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     for task in (tasks.poll, tasks.submit):
-        monkeypatch.setattr(task, "apply_async", lambda args, _n=task.name, **kw: out.append((args[0], kw)))
+        monkeypatch.setattr(task, "apply_async", lambda args, **kw: out.append((args[0], kw)))
     return out
 
 
